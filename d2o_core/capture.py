@@ -1,0 +1,58 @@
+"""Hands each layer's attention probabilities to the request's cache without eager attention.
+
+What this module is: one attention function registered with transformers'
+`AttentionInterface` under `ATTENTION` ("d2o_sdpa"). Every attention layer of a model
+loaded with `attn_implementation=ATTENTION` calls it. It computes the layer's output
+with transformers' own SDPA function (fast, and bit for bit what "sdpa" gives), then,
+when a cache is observing (a context variable set by `observing`), passes it the
+layer's query and keys so the cache can compute just what its policy needs: chunked
+prompt column sums at prefill, one probability row per step at decode.
+
+What it is not: no model class is copied or patched; with no observer the function is
+plain SDPA. The context variable is per thread / per task, so concurrent requests each
+see their own cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ATTENTION = "d2o_sdpa"
+
+_observer: ContextVar = ContextVar("d2o_observer", default=None)
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA output, then `observer.observe(layer_idx, query, key, scaling)` when one is active.
+
+    query : [B, Hq, q, D]; key, value : [B, Hkv, S, D] (GQA not expanded).
+    """
+    if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+        # transformers' SDPA would drop the cached keys here (it assumes an empty cache).
+        raise ValueError(
+            "several new tokens over a non-empty cache are not supported; feed one token per step"
+        )
+    scaling = module.scaling if scaling is None else scaling
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    observer = _observer.get()
+    if observer is not None:
+        observer.observe(module.layer_idx, query, key, scaling)
+    return out, None
+
+
+AttentionInterface.register(ATTENTION, attention_forward)
+
+
+@contextmanager
+def observing(observer) -> Iterator[None]:
+    """Route attention of forward passes inside this block to `observer.observe`."""
+    token = _observer.set(observer)
+    try:
+        yield
+    finally:
+        _observer.reset(token)

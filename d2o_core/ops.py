@@ -1,0 +1,239 @@
+"""Pure tensor maths for the cache policies: scores, keep sets, similarity, merges, layer budgets.
+
+What this module is: stateless functions on hand-made-testable tensors. Shapes use
+`Hq` query heads, `Hkv` kv-heads, `S` stored entries, `L` prompt tokens, `D` head dim.
+Query head `h` reads kv-head `h // n_rep` (transformers' `repeat_kv` layout), so a
+`[Hq, ...]` tensor groups into kv-heads with a reshape to `[Hkv, n_rep, ...]`.
+
+What it is not: it holds no state and knows nothing of models, caches or requests;
+`cache.py` decides when these are called. ALGORITHMS.md is the reference for every formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Upper bound on the float32 probability block materialised per prefill chunk (elements).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def prefill_column_sums(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Column sums of the causal prompt attention, per query head, in query chunks.
+
+    Parameters
+    ----------
+    query : [1, Hq, L, D]
+    key : [1, Hkv, L, D] (not repeated for GQA)
+    scaling : softmax scale used by the model (``module.scaling``)
+
+    Returns
+    -------
+    [Hq, L] float32: ``col[h, j]`` = total attention key ``j`` received from all prompt queries of head ``h``.
+    Memory is O(Hq x chunk x L); the full [Hq, L, L] matrix is never built.
+    """
+    _, n_q, length, dim = query.shape
+    n_kv = key.shape[1]
+    q = query[0].reshape(n_kv, n_q // n_kv, length, dim)
+    k = key[0]
+    col = torch.zeros(n_kv, n_q // n_kv, length, dtype=torch.float32, device=query.device)
+    chunk = max(1, min(length, _CHUNK_ELEMENTS // max(1, n_q * length)))
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        logits = torch.matmul(q[:, :, start:end], k[:, None, :end].transpose(-1, -2)) * scaling
+        future = (
+            torch.arange(end, device=query.device)[None, :]
+            > torch.arange(start, end, device=query.device)[:, None]
+        )
+        probs = logits.float().masked_fill(future, float("-inf")).softmax(dim=-1)
+        col[:, :, :end] += probs.sum(dim=2)
+    return col.reshape(n_q, length)
+
+
+def attention_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention probabilities of one new query over the stored keys, summed per kv-head.
+
+    Parameters
+    ----------
+    query : [1, Hq, 1, D]
+    key : [1, Hkv, S, D]
+
+    Returns
+    -------
+    [Hkv, S] float32; each row sums to ``n_rep`` (one per query head of the group).
+    """
+    n_q, n_kv = query.shape[1], key.shape[1]
+    q = query[0, :, 0].reshape(n_kv, n_q // n_kv, -1)
+    logits = torch.bmm(q, key[0].transpose(1, 2)) * scaling
+    return logits.softmax(dim=-1, dtype=torch.float32).sum(dim=1)
+
+
+def group_heads(per_query_head: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Sum a ``[Hq, ...]`` tensor into its kv-head groups: ``[Hkv, ...]``."""
+    return per_query_head.reshape(n_kv, -1, *per_query_head.shape[1:]).sum(dim=1)
+
+
+def attention_density(col: torch.Tensor) -> float:
+    """D2O's F_l for one layer from its ``[Hq, L]`` column sums (high = sparse, peaked attention)."""
+    if col.shape[-1] < 2:
+        return 0.0
+    var = col.double().var(dim=-1, unbiased=True)
+    v_hat = (var - var.min()) / (var.max() - var.min() + 1e-6)
+    return float(v_hat.mean())
+
+
+def dynamic_layer_budgets(density: list[float], fraction: float, n_prompt: int) -> list[int]:
+    """D2O per-layer budgets (entries) whose total is ``len(density) * round(fraction * n_prompt)``.
+
+    ``w = softmax(-F)``, ``r_l = clamp(n * fraction * w_l, 0.01, 1)``; the clamped values are then
+    rescaled (one common factor, found by bisection) so the total matches the uniform budget,
+    and rounded by largest remainder. Dense layers (low F) get more.
+    """
+    n = len(density)
+    target = n * round(fraction * n_prompt)
+    low, high = max(1.0, math.floor(0.01 * n_prompt)), float(n_prompt)
+    f = np.asarray(density, dtype=np.float64)
+    w = np.exp(-(f - f.min()))
+    raw = n * fraction * (w / w.sum()) * n_prompt
+    target = min(max(target, n * low), n * high)
+    lo, hi = 0.0, max(1.0, n_prompt / max(raw.min(), 1e-12))
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if np.clip(raw * mid, low, high).sum() < target:
+            lo = mid
+        else:
+            hi = mid
+    real = np.clip(raw * hi, low, high)
+    out = np.floor(real).astype(np.int64)
+    short = int(round(target - out.sum()))
+    room = np.where(out < high, real - out, -1.0)
+    for idx in np.argsort(-room, kind="stable")[: max(short, 0)]:
+        out[idx] += 1
+    return [int(v) for v in out]
+
+
+def protected_mask(positions: torch.Tensor, n_sink: int, n_recent: int, seen: int) -> torch.Tensor:
+    """True for sink positions (``< n_sink``) and the recent window (the last ``n_recent`` seen)."""
+    return (positions < n_sink) | (positions >= seen - n_recent)
+
+
+def keep_sets(
+    scores: torch.Tensor, positions: torch.Tensor, n_keep: int, n_sink: int, n_recent: int, seen: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split stored entries into kept and evicted slots, per kv-head.
+
+    Sinks and the recent window are always kept; the rest of the ``n_keep`` slots go to the
+    highest scores, chosen independently per head.
+
+    Parameters
+    ----------
+    scores : [Hkv, S] float (higher = more important)
+    positions : [Hkv, S] long
+
+    Returns
+    -------
+    kept : [Hkv, n_keep] slot indices, evicted : [Hkv, S - n_keep] slot indices, each in position order.
+    """
+    protect = protected_mask(positions, n_sink, n_recent, seen)
+    ranked = scores.float().masked_fill(protect, float("inf"))
+    chosen = torch.zeros_like(protect)
+    chosen.scatter_(1, ranked.topk(n_keep, dim=-1).indices, True)
+    order = torch.argsort(positions, dim=-1, stable=True)
+    by_position = chosen.gather(1, order)
+    split = torch.argsort(by_position.to(torch.int8), dim=-1, stable=True)
+    slots = order.gather(1, split)
+    n_evict = scores.shape[-1] - n_keep
+    return slots[:, n_evict:], slots[:, :n_evict]
+
+
+def pick_victim(scores: torch.Tensor, positions: torch.Tensor, n_sink: int, n_recent: int, seen: int):
+    """The one slot per kv-head to evict: lowest score outside sinks and the recent window.
+
+    scores, positions : [Hkv, S]. Returns [Hkv] slot indices.
+    """
+    protect = protected_mask(positions, n_sink, n_recent, seen)
+    return scores.masked_fill(protect, float("inf")).argmin(dim=-1)
+
+
+def nearest_kept(
+    evicted_keys: torch.Tensor, kept_keys: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of each evicted key to its most similar kept key of the same kv-head.
+
+    Parameters
+    ----------
+    evicted_keys : [Hkv, E, D]
+    kept_keys : [Hkv, K, D]
+    valid : optional [Hkv, K] bool; False slots are never chosen as targets.
+
+    Returns
+    -------
+    sim : [Hkv, E] float32 (``s[h, i] = max_j U``), target : [Hkv, E] long (``argmax_j U``).
+    """
+    u = torch.bmm(
+        F.normalize(evicted_keys.float(), dim=-1), F.normalize(kept_keys.float(), dim=-1).transpose(1, 2)
+    )
+    if valid is not None:
+        u = u.masked_fill(~valid[:, None, :], float("-inf"))
+    return u.max(dim=-1)
+
+
+def update_threshold(
+    tau: torch.Tensor | None, sim: torch.Tensor, beta: float, statistic: str
+) -> torch.Tensor:
+    """D2O's per-layer EMA threshold: ``mean(s)`` at the first compression, then ``beta*new+(1-beta)*tau``."""
+    if tau is None:
+        return sim.mean()
+    new = sim.max() if statistic == "max" else sim.mean()
+    return beta * new + (1.0 - beta) * tau
+
+
+def merge_decision(sim: torch.Tensor, tau: torch.Tensor, shared_by_heads: bool) -> torch.Tensor:
+    """[Hkv, E] bool: merge when the similarity passes ``tau`` (per head, or the head mean for all heads)."""
+    if shared_by_heads:
+        return (sim.mean(dim=0, keepdim=True) >= tau).expand_as(sim)
+    return sim >= tau
+
+
+def merge_weights(
+    sim: torch.Tensor, target: torch.Tensor, merged: torch.Tensor, n_kept: int, variant: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights that fold merged entries into their targets.
+
+    ``variant="paper"``: softmax over the target (similarity 1) and its merged set ``M_j``:
+    ``w_i = exp(s_i) / (e + sum exp(s_k))``, target weight ``e / (...)`` (sums to 1).
+    ``variant="official"``: ``k_j <- (k_j + sum s_i k_i) / (1 + |M_j|)`` (not convex).
+
+    Returns
+    -------
+    self_weight : [Hkv, K] float32 (exactly 1 for targets that absorb nothing),
+    in_weight : [Hkv, E] float32 (0 for entries that are dropped, not merged).
+    """
+    on = merged.float()
+    if variant == "paper":
+        own, contrib = math.e, torch.exp(sim.float()) * on
+        denom = torch.full((sim.shape[0], n_kept), own, device=sim.device).scatter_add_(1, target, contrib)
+        return own / denom, contrib / denom.gather(1, target)
+    count = torch.ones(sim.shape[0], n_kept, device=sim.device).scatter_add_(1, target, on)
+    return 1.0 / count, sim.float() * on / count.gather(1, target)
+
+
+def apply_merge(
+    kept: torch.Tensor,
+    evicted: torch.Tensor,
+    target: torch.Tensor,
+    self_weight: torch.Tensor,
+    in_weight: torch.Tensor,
+) -> torch.Tensor:
+    """``kept_j * self_weight_j + sum_i in_weight_i * evicted_i`` over ``i`` merged into ``j``, in float32.
+
+    kept : [Hkv, K, D], evicted : [Hkv, E, D], target : [Hkv, E]. Returns [Hkv, K, D] in ``kept.dtype``.
+    Entries that absorb nothing come back bit for bit (weight 1, nothing added).
+    """
+    out = kept.float() * self_weight[..., None]
+    index = target[..., None].expand(-1, -1, kept.shape[-1])
+    out.scatter_add_(1, index, evicted.float() * in_weight[..., None])
+    return out.to(kept.dtype)

@@ -1,0 +1,106 @@
+"""D2O, dynamic discriminative operations (Wan et al., 2024, arXiv 2406.13035).
+
+Two levels on top of H2O-style eviction: per-layer budgets from the prefill's
+attention density (dense layers get more), and merging of evicted entries into their
+most similar kept entry when the similarity passes a per-layer EMA threshold.
+Two readings of the method exist; `variant` picks one ("paper" or "official") and
+every setting can still be overridden. `merge=False` with `layer_budgets="uniform"`
+is exactly H2O (with the same sinks and recent share).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .. import ops
+from .base import LayerPlan, MergeRule, Policy
+
+VARIANTS = {
+    # recent_share, beta, EMA statistic, decision shared by heads, protected layers
+    "paper": dict(recent_share=0.25, beta=0.7, statistic="max", shared_by_heads=False, protected_layers=()),
+    "official": dict(
+        recent_share=0.5, beta=0.5, statistic="mean", shared_by_heads=True, protected_layers=(0, 1, -1)
+    ),
+}
+
+
+@dataclass(frozen=True)
+class D2O(Policy):
+    """D2O. Settings left as None take the chosen variant's value (see `VARIANTS`)."""
+
+    n_sink: int = 4
+    recent_share: float | None = None
+    variant: str = "paper"
+    merge: bool = True
+    beta: float | None = None
+    layer_budgets: str = "dynamic"
+    protected_layers: tuple[int, ...] | None = None
+
+    name: ClassVar[str] = "d2o"
+    title: ClassVar[str] = "D2O"
+    needs_scores: ClassVar[bool] = True
+    needs_density: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}; got {self.variant!r}.")
+        defaults = VARIANTS[self.variant]
+        for key in ("recent_share", "beta", "protected_layers"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, defaults[key])
+        object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
+        super().__post_init__()
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"merge must be True or False; got {self.merge!r}.")
+        if not isinstance(self.beta, (int, float)) or not 0 < self.beta <= 1:
+            raise ValueError(
+                f"beta (the EMA weight of the new similarity) must be in (0, 1]; got {self.beta!r}."
+            )
+        if self.layer_budgets not in ("dynamic", "uniform"):
+            raise ValueError(f"layer_budgets must be 'dynamic' or 'uniform'; got {self.layer_budgets!r}.")
+        for layer in self.protected_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ValueError(
+                    f"protected_layers must be layer numbers (negative counts from the end); got {layer!r}."
+                )
+
+    def _defaults(self) -> D2O:
+        return D2O(budget=self.budget, variant=self.variant)
+
+    @property
+    def label(self) -> str:
+        base = super().label
+        if self.variant == "paper":
+            return base
+        # Show the variant first, then whatever differs from that variant's defaults.
+        rest = base[len(self.name) + 1 : -1] if base != self.name else ""
+        return f"{self.name}(variant={self.variant}{',' + rest if rest else ''})"
+
+    def protected(self, n_layers: int) -> set[int]:
+        """Resolve protected layer numbers (negative from the end) for a model of `n_layers`."""
+        out = set()
+        for layer in self.protected_layers:
+            if not -n_layers <= layer < n_layers:
+                raise ValueError(f"protected layer {layer} does not exist in a model with {n_layers} layers.")
+            out.add(layer % n_layers)
+        return out
+
+    def layer_caps(self, n_prompt, n_layers, col_sums) -> list[LayerPlan]:
+        density = [ops.attention_density(c) for c in col_sums] if col_sums else [float("nan")] * n_layers
+        protected = self.protected(n_layers)
+        free = [i for i in range(n_layers) if i not in protected]
+        if self.layer_budgets == "dynamic" and col_sums and free:
+            tokens = ops.dynamic_layer_budgets([density[i] for i in free], self.budget, n_prompt)
+        else:
+            tokens = [self.budget_tokens(n_prompt)] * len(free)
+        budget_of = dict(zip(free, tokens))
+        return [
+            LayerPlan(budget_of.get(i), density=density[i], protected=i in protected) for i in range(n_layers)
+        ]
+
+    def merge_rule(self) -> MergeRule | None:
+        if not self.merge:
+            return None
+        v = VARIANTS[self.variant]
+        return MergeRule(self.variant, float(self.beta), v["statistic"], v["shared_by_heads"])

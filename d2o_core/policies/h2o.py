@@ -1,0 +1,21 @@
+"""H2O, the heavy-hitter oracle (Zhang et al., 2023, arXiv 2306.14048).
+
+Scores are accumulated attention per (layer, kv-head, entry); keep the recent window
+and the top-scoring heavy hitters, same budget for every layer, no sinks by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import Policy
+
+
+@dataclass(frozen=True)
+class H2O(Policy):
+    """Heavy hitters + recent window; `recent_share` of the budget is the recent window."""
+
+    name: ClassVar[str] = "h2o"
+    title: ClassVar[str] = "H2O"
+    needs_scores: ClassVar[bool] = True

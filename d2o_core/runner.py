@@ -1,0 +1,348 @@
+"""The generation loop: one shared prefill, then per-policy decoding, streamed step by step.
+
+What this module is: `iter_compare` (a generator of `Update`s: status lines, each
+policy's partial text per step, then the results), and the plain forms built on it,
+`compare` and `generate`. The prompt is processed once for all policies (the forward
+pass is identical; only the compression of its cache differs); each policy then decodes
+on its own compressed copy, round robin, so the UI can stream every column at once.
+When the full cache runs too, each other policy is also measured teacher-forced on the
+full cache's tokens: its free run is that measurement until its first different token,
+where a copy of its cache is taken and fed the full cache's tokens afterwards.
+
+What it is not: no policy maths (policies/, ops.py), no figures. Batch size 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from . import metrics as M
+from .cache import PolicyCache, PrefillCache
+from .capture import observing
+from .events import LAYER_BUDGETS_SCHEMA, EventLog, frame, survival_frame
+from .models import LoadedModel
+from .policies import Policy
+
+MAX_NEW_TOKENS = 2048
+
+
+@dataclass
+class RunResult:
+    """Everything one policy produced for one prompt (frames follow events.py's schemas)."""
+
+    label: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: list[str]
+    events: pd.DataFrame
+    steps: pd.DataFrame
+    layer_budgets: pd.DataFrame
+    metrics: dict
+    drift: pd.DataFrame
+    settings: dict
+    generated_tokens: list[str] = field(default_factory=list)
+
+    def survival(self) -> pd.DataFrame:
+        """Per prompt token, the share of (layer, kv-head) slots that kept, merged or dropped it."""
+        n_slots = self.metrics["n_layers"] * self.metrics["n_kv_heads"]
+        return survival_frame(self.events, self.prompt_tokens, n_slots, self.settings.get("n_sink", 0))
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (frames as lists of records)."""
+        records = lambda df: df.astype(object).where(df.notna(), None).to_dict("records")  # noqa: E731
+        return {
+            "label": self.label,
+            "settings": self.settings,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "metrics": self.metrics,
+            "events": records(self.events),
+            "steps": records(self.steps),
+            "layer_budgets": records(self.layer_budgets),
+            "drift": records(self.drift),
+        }
+
+
+@dataclass
+class Update:
+    """One item of `iter_compare`: kind is "status", "token" or "done"."""
+
+    kind: str
+    label: str = ""
+    text: str = ""
+    step: int = 0
+    results: dict[str, RunResult] | None = None
+
+
+@dataclass
+class _Run:
+    """A policy's state while generating (private to one call)."""
+
+    policy: Policy
+    cache: PolicyCache
+    generator: torch.Generator
+    prefill_seconds: float
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    agreeing: bool = True  # fed the same tokens as the full cache so far
+    fork: PolicyCache | None = None  # teacher-forced copy, from the first different token on
+    fork_step: int = 0
+    drift: list = field(default_factory=list)
+    ref_logprobs: list = field(default_factory=list)  # kept for the full cache only
+
+
+def encode(lm: LoadedModel, prompt: str | Sequence[int], chat: bool) -> list[int]:
+    """Token ids of the prompt (with the chat template when `chat` and the tokenizer has one)."""
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    tok = lm.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    else:
+        ids = tok(prompt)["input_ids"]
+    return [int(t) for t in ids]
+
+
+def _check(lm: LoadedModel, prompt, policies, max_new_tokens, temperature) -> None:
+    if isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("The prompt is empty: type a prompt or pick an example.")
+    if not policies:
+        raise ValueError("No policy selected: choose at least one cache policy to run.")
+    if not all(isinstance(p, Policy) for p in policies):
+        raise ValueError("policies must be Policy objects, e.g. d2o_core.POLICIES['h2o'](budget=0.2).")
+    labels = [p.label for p in policies]
+    if len(set(labels)) != len(labels):
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        raise ValueError(f"Each policy may run once per comparison; duplicated: {twice}.")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or not 1 <= max_new_tokens <= MAX_NEW_TOKENS
+    ):
+        raise ValueError(
+            f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}."
+        )
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive; got {temperature!r}.")
+
+
+def _forward(lm: LoadedModel, cache, ids: list[int], start: int) -> torch.Tensor:
+    """Logits of the last position after feeding `ids` at positions `start...` (cache observing)."""
+    device = lm.device
+    input_ids = torch.tensor([ids], device=device)
+    positions = torch.arange(start, start + len(ids), device=device)[None]
+    with torch.no_grad(), observing(cache):
+        out = lm.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return out.logits[0, -1]
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _step(lm: LoadedModel, cache: PolicyCache, token: int, step: int) -> torch.Tensor:
+    """Feed one token at the position after every token seen (not after the entries stored)."""
+    cache.step = step
+    return _forward(lm, cache, [token], cache.get_seq_length())
+
+
+def iter_compare(
+    lm: LoadedModel,
+    prompt: str | Sequence[int],
+    policies: Sequence[Policy],
+    *,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+    fidelity: bool = True,
+) -> Iterator[Update]:
+    """Generate with every policy from one shared prefill, yielding progress as it goes.
+
+    Yields `Update("status", text=...)` lines, `Update("token", label, text, step)` with each
+    policy's text so far, and finally `Update("done", results={label: RunResult})`.
+    Closing the generator stops the work (the UI's Stop button does this).
+    """
+    _check(lm, prompt, policies, max_new_tokens, temperature)
+    ids = encode(lm, prompt, chat)
+    if not ids:
+        raise ValueError("The prompt has no tokens after tokenisation.")
+    if len(ids) > lm.max_prompt_tokens:
+        raise ValueError(
+            f"The prompt has {len(ids)} tokens; the limit here is {lm.max_prompt_tokens} "
+            "(set D2O_MAX_PROMPT_TOKENS to change it)."
+        )
+    policies = sorted(policies, key=lambda p: p.name != "full")  # the reference decodes first each step
+    yield Update("status", text=f"Reading the prompt ({len(ids)} tokens) once for all policies...")
+    start = time.perf_counter()
+    prefill = PrefillCache(lm.n_layers, record=any(p.needs_scores or p.needs_density for p in policies))
+    logits = _forward(lm, prefill, ids, 0)
+    prefill_seconds = time.perf_counter() - start
+    runs = []
+    for policy in policies:
+        start = time.perf_counter()
+        cache = PolicyCache.from_prefill(prefill, policy, extra=max_new_tokens + 1, log=EventLog())
+        generator = torch.Generator().manual_seed(seed)
+        run = _Run(policy, cache, generator, prefill_seconds + time.perf_counter() - start)
+        run.tokens.append(_pick(logits, temperature, generator))
+        run.done = run.tokens[-1] in lm.eos_ids
+        runs.append(run)
+    del prefill
+    ref = runs[0] if runs[0].policy.name == "full" and fidelity else None
+    if ref is not None:
+        ref.ref_logprobs.append(None)  # step 0's prediction came from the shared prefill
+    for run in runs:
+        yield Update("token", run.policy.label, _text(lm, run.tokens), 0)
+    for step in range(1, max_new_tokens):
+        active = [r for r in runs if not r.done]
+        if not active:
+            break
+        for run in active:
+            yield from _decode_one(lm, run, step, temperature, ref)
+        if ref is not None:
+            _track_agreement(runs, ref, step)
+    if ref is not None:
+        for run in runs[1:]:
+            if run.fork is not None and run.fork_step + 1 < len(ref.tokens):
+                yield Update(
+                    "status", text=f"Measuring {run.policy.label} against the full cache's tokens..."
+                )
+                _teacher_force(lm, run, ref)
+    yield Update("done", results={r.policy.label: _result(lm, ids, r, ref) for r in runs})
+
+
+def _decode_one(lm, run: _Run, step: int, temperature: float, ref: _Run | None) -> Iterator[Update]:
+    start = time.perf_counter()
+    logits = _step(lm, run.cache, run.tokens[-1], step)
+    token = _pick(logits, temperature, run.generator)
+    run.decode_seconds += time.perf_counter() - start
+    run.decode_steps += 1
+    run.tokens.append(token)
+    if ref is not None and run.agreeing and step < len(ref.tokens):
+        # Same tokens fed as the full cache so far: this free step is also the teacher-forced one.
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if run is ref:
+            ref.ref_logprobs.append(logprobs)
+        run.drift.append((step, *M.step_fidelity(ref.ref_logprobs[step], logprobs, ref.tokens[step])))
+    run.done = token in lm.eos_ids
+    yield Update("token", run.policy.label, _text(lm, run.tokens), step)
+
+
+def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
+    """After `step`, fork every run whose latest token differs from the full cache's."""
+    for run in runs[1:]:
+        if (
+            run.agreeing
+            and step < len(ref.tokens)
+            and (step >= len(run.tokens) or run.tokens[step] != ref.tokens[step])
+        ):
+            run.agreeing, run.fork, run.fork_step = False, run.cache.clone(), step
+
+
+def _teacher_force(lm, run: _Run, ref: _Run) -> None:
+    """Continue the forked copy on the full cache's tokens, recording drift per step."""
+    for step in range(run.fork_step + 1, len(ref.tokens)):
+        logits = _step(lm, run.fork, ref.tokens[step - 1], step)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        run.drift.append((step, *M.step_fidelity(ref.ref_logprobs[step], logprobs, ref.tokens[step])))
+    run.fork = None
+
+
+def _text(lm: LoadedModel, tokens: list[int]) -> str:
+    return lm.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _token_texts(lm: LoadedModel, ids: list[int]) -> list[str]:
+    return [lm.tokenizer.decode([i]) for i in ids]
+
+
+def _layer_budgets(cache: PolicyCache, n_prompt: int) -> pd.DataFrame:
+    plans = cache.plans
+    tokens = [n_prompt if p.budget is None else p.budget for p in plans]
+    return frame(
+        {
+            "layer": range(len(plans)),
+            "budget_tokens": tokens,
+            "budget_fraction": [t / n_prompt for t in tokens],
+            "density": [p.density for p in plans],
+            "protected": [p.protected for p in plans],
+        },
+        LAYER_BUDGETS_SCHEMA,
+    )
+
+
+def _result(lm: LoadedModel, ids: list[int], run: _Run, ref: _Run | None) -> RunResult:
+    cache, n_prompt = run.cache, len(ids)
+    prompt_tokens, generated = _token_texts(lm, ids), _token_texts(lm, run.tokens)
+    metrics = {"prompt_tokens": n_prompt, "new_tokens": len(run.tokens)}
+    peak = sum(max(layer.peak, n_prompt) for layer in cache.layers)  # the prefill held the whole prompt
+    metrics |= M.memory_metrics(
+        cache.stored_entries(), peak, cache.get_seq_length(), lm.n_layers, cache.entry_bytes()
+    )
+    metrics |= M.speed_metrics(run.prefill_seconds, run.decode_seconds, run.decode_steps)
+    drift = M.drift_frame(run.drift)
+    if ref is not None:
+        metrics |= M.fidelity_summary(drift)
+    metrics |= {
+        "n_layers": lm.n_layers,
+        "n_kv_heads": lm.n_kv_heads,
+        "head_dim": lm.head_dim,
+        "model": lm.name,
+    }
+    return RunResult(
+        label=run.policy.label,
+        text=_text(lm, run.tokens),
+        token_ids=list(run.tokens),
+        prompt_tokens=prompt_tokens,
+        events=cache.log.events_frame(prompt_tokens + generated),
+        steps=cache.log.steps_frame(),
+        layer_budgets=_layer_budgets(cache, n_prompt),
+        metrics=metrics,
+        drift=drift,
+        settings=run.policy.settings(),
+        generated_tokens=generated,
+    )
+
+
+def compare(
+    lm: LoadedModel,
+    prompt: str | Sequence[int],
+    policies: Sequence[Policy],
+    *,
+    on_update: Callable[[Update], None] | None = None,
+    **kwargs,
+) -> dict[str, RunResult]:
+    """Run every policy on one shared prefill; returns {policy label: RunResult}.
+
+    Keyword arguments are those of `iter_compare`; `on_update` sees every streamed `Update`.
+    """
+    for update in iter_compare(lm, prompt, policies, **kwargs):
+        if on_update is not None:
+            on_update(update)
+        if update.kind == "done":
+            return update.results
+    raise RuntimeError("generation ended without results")
+
+
+def generate(lm: LoadedModel, prompt: str | Sequence[int], policy: Policy, **kwargs) -> RunResult:
+    """Generate with one policy (greedy by default); keyword arguments as in `iter_compare`."""
+    return next(iter(compare(lm, prompt, [policy], **kwargs).values()))

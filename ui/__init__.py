@@ -1,0 +1,1 @@
+"""The Gradio front end: figures (pure DataFrame -> plotly) and layout (wiring)."""
