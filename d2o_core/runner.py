@@ -86,6 +86,7 @@ class _Run:
     """A policy's state while generating (private to one call)."""
 
     policy: Policy
+    label: str
     cache: PolicyCache
     generator: torch.Generator
     prefill_seconds: float
@@ -113,6 +114,16 @@ def encode(lm: LoadedModel, prompt: str | Sequence[int], chat: bool) -> list[int
     return [int(t) for t in ids]
 
 
+def result_labels(policies: Sequence[Policy]) -> list[str]:
+    """Each policy's key in the results: its label, plus "@<budget>%" where only budgets tell runs apart."""
+    labels = [p.label for p in policies]
+    keys = [(p.label, None if p.name == "full" else p.budget) for p in policies]
+    if len(set(keys)) != len(keys):
+        twice = sorted({label for label, key in zip(labels, keys) if keys.count(key) > 1})
+        raise ValueError(f"Each policy may run once per comparison; duplicated: {twice}.")
+    return [f"{label}@{100 * p.budget:g}%" if labels.count(label) > 1 else label for label, p in zip(labels, policies)]
+
+
 def _check(lm: LoadedModel, prompt, policies, max_new_tokens, temperature) -> None:
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("The prompt is empty: type a prompt or pick an example.")
@@ -120,10 +131,7 @@ def _check(lm: LoadedModel, prompt, policies, max_new_tokens, temperature) -> No
         raise ValueError("No policy selected: choose at least one cache policy to run.")
     if not all(isinstance(p, Policy) for p in policies):
         raise ValueError("policies must be Policy objects, e.g. d2o_core.POLICIES['h2o'](budget=0.2).")
-    labels = [p.label for p in policies]
-    if len(set(labels)) != len(labels):
-        twice = sorted({x for x in labels if labels.count(x) > 1})
-        raise ValueError(f"Each policy may run once per comparison; duplicated: {twice}.")
+    result_labels(policies)
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
@@ -198,11 +206,11 @@ def iter_compare(
     logits = _forward(lm, prefill, ids, 0)
     prefill_seconds = time.perf_counter() - start
     runs = []
-    for policy in policies:
+    for policy, label in zip(policies, result_labels(policies)):
         start = time.perf_counter()
         cache = PolicyCache.from_prefill(prefill, policy, extra=max_new_tokens + 1, log=EventLog())
         generator = torch.Generator().manual_seed(seed)
-        run = _Run(policy, cache, generator, prefill_seconds + time.perf_counter() - start)
+        run = _Run(policy, label, cache, generator, prefill_seconds + time.perf_counter() - start)
         run.tokens.append(_pick(logits, temperature, generator))
         run.done = run.tokens[-1] in lm.eos_ids
         runs.append(run)
@@ -211,7 +219,7 @@ def iter_compare(
     if ref is not None:
         ref.ref_logprobs.append(None)  # step 0's prediction came from the shared prefill
     for run in runs:
-        yield Update("token", run.policy.label, _text(lm, run.tokens), 0)
+        yield Update("token", run.label, _text(lm, run.tokens), 0)
     for step in range(1, max_new_tokens):
         active = [r for r in runs if not r.done]
         if not active:
@@ -224,10 +232,10 @@ def iter_compare(
         for run in runs[1:]:
             if run.fork is not None and run.fork_step + 1 < len(ref.tokens):
                 yield Update(
-                    "status", text=f"Measuring {run.policy.label} against the full cache's tokens..."
+                    "status", text=f"Measuring {run.label} against the full cache's tokens..."
                 )
                 _teacher_force(lm, run, ref)
-    yield Update("done", results={r.policy.label: _result(lm, ids, r, ref) for r in runs})
+    yield Update("done", results={r.label: _result(lm, ids, r, ref) for r in runs})
 
 
 def _decode_one(lm, run: _Run, step: int, temperature: float, ref: _Run | None) -> Iterator[Update]:
@@ -244,7 +252,7 @@ def _decode_one(lm, run: _Run, step: int, temperature: float, ref: _Run | None) 
             ref.ref_logprobs.append(logprobs)
         run.drift.append((step, *M.step_fidelity(ref.ref_logprobs[step], logprobs, ref.tokens[step])))
     run.done = token in lm.eos_ids
-    yield Update("token", run.policy.label, _text(lm, run.tokens), step)
+    yield Update("token", run.label, _text(lm, run.tokens), step)
 
 
 def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
@@ -309,7 +317,7 @@ def _result(lm: LoadedModel, ids: list[int], run: _Run, ref: _Run | None) -> Run
         "model": lm.name,
     }
     return RunResult(
-        label=run.policy.label,
+        label=run.label,
         text=_text(lm, run.tokens),
         token_ids=list(run.tokens),
         prompt_tokens=prompt_tokens,

@@ -84,7 +84,7 @@ def _spec(task: str, rng: random.Random, digits: int, hops: int | None) -> _Spec
     number = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
     if task == "passkey":
         needle = f"The pass key is {number}. Remember it. {number} is the pass key."
-        return _Spec(HEADERS[task], filler, [needle], " ", "What is the pass key? The pass key is", (number,))
+        return _Spec(HEADERS[task], filler, [needle], " ", "What is the pass key? Answer with the number only.", (number,))
     if task == "kv":
         hexs = lambda: f"{rng.getrandbits(32):08x}"
         key, value = hexs(), hexs()
@@ -100,7 +100,7 @@ def _spec(task: str, rng: random.Random, digits: int, hops: int | None) -> _Spec
                     lines.append(f'"{k}": "{hexs()}"')
             return lines[i]
 
-        question = f'What is the value of key "{key}"? The value of key "{key}" is'
+        question = f'What is the value of key "{key}"? Answer with the value only.'
         return _Spec(HEADERS[task], unit, [f'"{key}": "{value}"'], "\n", question, (value,))
     hops = rng.randint(2, 4) if hops is None else hops
     question = (

@@ -75,7 +75,7 @@ def test_passkey_prompt_holds_the_key_and_asks_for_it():
     assert re.fullmatch(r"[1-9]\d{4}", sample.answer) and sample.answers == (sample.answer,)
     assert f"The pass key is {sample.answer}. Remember it. {sample.answer} is the pass key." in sample.prompt
     assert "The grass is green. The sky is blue." in sample.prompt
-    assert sample.prompt.endswith("What is the pass key? The pass key is")
+    assert sample.prompt.endswith("What is the pass key? Answer with the number only.")
     assert len(tasks.make_sample("passkey", 400, 0.3, 5, words, digits=7).answer) == 7
 
 

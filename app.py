@@ -1,0 +1,57 @@
+"""Entry point: parse settings, load the model once, build the page, launch.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--model NAME] [--no-preload]
+
+Environment: D2O_MODELS (comma-separated allowlist; first is the default), D2O_MODEL,
+D2O_DEVICE, D2O_CACHE_DIR, D2O_MAX_PROMPT_TOKENS, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+from ui.engine import Engine, allowed_models
+from ui.layout import build_demo, launch_options
+
+ON_SPACE = bool(os.environ.get("SPACE_ID"))
+
+
+def make_app(models: list[str] | None = None, preload: bool = True, engine: Engine | None = None):
+    """The queued Gradio app; loads the default model first unless `preload` is False."""
+    engine = engine or Engine(models or allowed_models())
+    if preload:
+        start = time.perf_counter()
+        lm = engine.get()
+        logging.info(
+            "model %s (%s) ready on %s in %.1f s", lm.name, lm.source, lm.device, time.perf_counter() - start
+        )
+    demo = build_demo(engine)
+    # Model work runs one request at a time; a bounded queue turns away floods with a message.
+    demo.queue(default_concurrency_limit=1, max_size=int(os.environ.get("D2O_QUEUE_SIZE", 16)))
+    return demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="D2O Cache Explorer")
+    parser.add_argument(
+        "--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if ON_SPACE else "127.0.0.1")
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--model", default=None, help="allowed model(s), comma-separated (default: bundled)")
+    parser.add_argument("--no-preload", action="store_true", help="load the model on the first request")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    models = [m.strip() for m in args.model.split(",")] if args.model else None
+    demo = make_app(models, preload=not args.no_preload)
+    print(
+        f"Open http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port} in a browser",
+        flush=True,
+    )
+    demo.launch(server_name=args.host, server_port=args.port, show_error=False, **launch_options())
+
+
+if __name__ == "__main__":
+    main()

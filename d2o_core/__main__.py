@@ -1,0 +1,133 @@
+"""Command line: `python -m d2o_core {run,compare,sweep,bench,results} ...` (see --help of each).
+
+What this module is: argument parsing and printing only; the work is in runner.py,
+sweep.py and bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import report
+from .models import load_model
+from .policies import POLICIES, build
+from .runner import iter_compare
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def policies_from_args(names: str, budget: float, assignments: list[str]) -> list:
+    """`--policies full,h2o --budget 0.2 --set d2o.variant=official` -> Policy objects."""
+    settings: dict[str, dict] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set takes policy.setting=value, e.g. d2o.variant=official; got {item!r}.")
+        value = _value(value)
+        settings.setdefault(name, {})[field] = tuple(value) if isinstance(value, list) else value
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unused = sorted(set(settings) - set(chosen))
+    if unused:
+        raise ValueError(f"--set names {', '.join(unused)}, which is not among --policies.")
+    return [build(name, budget, **settings.get(name, {})) for name in chosen]
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file:
+        return Path(args.prompt_file).read_text()
+    if args.prompt:
+        return args.prompt
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise ValueError("give a prompt with --prompt TEXT, --prompt-file FILE, or on standard input.")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="local path or hub id (default: bundled SmolLM2-135M)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+
+
+def _generation_args(parser: argparse.ArgumentParser, default_policies: str) -> None:
+    parser.add_argument("--prompt", default=None)
+    parser.add_argument("--prompt-file", default=None)
+    parser.add_argument("--policies", default=default_policies, help=f"comma list of {', '.join(POLICIES)}")
+    parser.add_argument("--budget", type=float, default=0.2, help="fraction of the prompt kept per layer, (0, 1]")
+    parser.add_argument("--set", action="append", default=[], metavar="POLICY.SETTING=VALUE")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    parser.add_argument("--json", default=None, help="write the whole result (texts, metrics, frames) here")
+    _model_args(parser)
+
+
+def cmd_compare(args, stream: bool = False) -> int:
+    policies = policies_from_args(args.policies, args.budget, args.set)
+    if stream and len(policies) != 1:
+        raise ValueError("run streams one policy; use compare for several.")
+    prompt = _read_prompt(args)
+    lm = load_model(args.model, args.device, args.dtype)
+    print(f"model: {lm.name} ({lm.source}) on {lm.device}, loaded in {lm.load_seconds:.1f} s", file=sys.stderr)
+    results, shown = {}, 0
+    for update in iter_compare(
+        lm, prompt, policies, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+        temperature=args.temperature, seed=args.seed,
+    ):
+        if update.kind == "status":
+            print(update.text, file=sys.stderr)
+        elif update.kind == "token" and stream and update.label == policies[0].label:
+            print(update.text[shown:], end="", flush=True)
+            shown = len(update.text)
+        elif update.kind == "done":
+            results = update.results
+    if stream:
+        print()
+    else:
+        for label, res in results.items():
+            print(f"\n=== {label} ===\n{res.text}")
+    print("\n" + report.summary(results).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    for label, res in results.items():
+        if res.layer_budgets["density"].notna().any():
+            print(f"\n{label} per-layer budgets (tokens): {report.budgets_line(res)}")
+    if args.json:
+        meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": args.max_new_tokens}
+        Path(args.json).write_text(report.comparison_json(results, meta))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m d2o_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compare", help="generate with several policies from one shared prefill")
+    _generation_args(p, "full,h2o,d2o")
+    p = sub.add_parser("run", help="generate with one policy, streaming the text")
+    _generation_args(p, "d2o")
+    from . import bench, sweep  # noqa: PLC0415 - keeps `compare` start-up light
+
+    sweep.add_parser(sub, _model_args)
+    bench.add_parser(sub, _model_args)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "compare":
+            return cmd_compare(args)
+        if args.command == "run":
+            return cmd_compare(args, stream=True)
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Sweeps: task scores and fidelity of every policy across budgets, lengths and needle depths.
+
+What this module is: `run_sweep` (tasks.py's retrieval samples; one `compare` call per sample,
+so the full cache and every (policy, budget) pair share one prefill) and `fidelity_sweep` (the
+app's "Budget sweep" tab: the user's prompt, fidelity to the full cache per policy and budget),
+both returning tidy DataFrames; the `sweep` subcommand; and `results`, which reruns a fixed
+small sweep (RESULTS_SWEEP) and benchmark (RESULTS_BENCH) and rewrites the README block
+between `<!-- results:start -->` and `<!-- results:end -->`.
+
+What it is not: no plotting (ui/figures.py's `sweep_curves` draws these frames), no timing
+method of its own (bench.py), no new metric: numbers come from `RunResult.metrics` and
+`tasks.score`. The full cache always runs (it is the fidelity reference); it gets rows only
+when "full" is among the policies asked for.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from . import bench
+from .policies import POLICIES, build
+from .report import jsonable
+from .runner import compare, result_labels
+from .tasks import TASKS, make_suite, score
+
+FIDELITY = ("token_agreement", "mean_kl_to_full", "nll_of_reference", "kv_fraction")
+METRICS = ("kv_fraction", "token_agreement", "mean_kl_to_full", "nll_of_reference", "decode_ms_per_token")
+SWEEP_COLUMNS = (
+    "task", "target_tokens", "prompt_tokens", "depth", "sample", "policy", "budget", "score", "output",
+    "answer", *METRICS,
+)  # fmt: skip
+FIDELITY_COLUMNS = ("policy", "budget", *FIDELITY, "text")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+# `make results`: sized to finish well under 20 minutes on a 2-core CPU with the bundled model.
+# kv answers restate the 8-hex key before the value: ~24 tokens with SmolLM2's tokenizer.
+RESULTS_SWEEP = dict(
+    tasks=("passkey", "kv"), lengths=(512, 1024), depths=(0.1, 0.5, 0.9), samples=2,
+    budgets=(0.2, 0.4), policy_names=("full", "streaming", "h2o", "d2o"), max_new_tokens=24, seed=0,
+)  # fmt: skip
+RESULTS_BENCH = dict(prompt_tokens=(512, 1024, 2048), budget=0.2, new_tokens=16, repeats=2, load=True)
+Progress = Callable[[int, int, str], None]
+
+
+def _grid(policy_names: Sequence[str], budgets: Sequence[float]) -> tuple[list, bool]:
+    """[(name, budget, Policy)]: full once at 1.0, then every other policy at every budget."""
+    names, budgets = list(policy_names), list(budgets)
+    unknown = [n for n in names if n not in POLICIES]
+    if not names or unknown:
+        raise ValueError(f"Choose policies from {', '.join(POLICIES)}; got {names or 'none'}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"List each policy once; got {names}.")
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, int | float) or not 0 < b <= 1]
+    if not budgets or bad:
+        raise ValueError(
+            f"Budgets are fractions of the prompt in (0, 1], e.g. 0.1,0.2,0.4; got {budgets or 'none'}."
+        )
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"List each budget once; got {budgets}.")
+    pairs = [("full", 1.0)] + [(n, float(b)) for n in names if n != "full" for b in budgets]
+    return [(n, b, build(n, b)) for n, b in pairs], "full" in names
+
+
+def _check_tasks(tasks: Sequence[str]) -> None:
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"Choose tasks from {', '.join(TASKS)}; got {list(tasks) or 'none'}.")
+
+
+def _compare(lm, prompt: str, grid: list, max_new_tokens: int, on_update=None) -> list[tuple]:
+    """One shared-prefill compare of the grid -> [(name, budget, RunResult)] in grid order."""
+    policies = [p for _, _, p in grid]
+    results = compare(lm, prompt, policies, max_new_tokens=max_new_tokens, chat=True, on_update=on_update)
+    return [(n, b, results[label]) for (n, b, _), label in zip(grid, result_labels(policies))]
+
+
+def run_sweep(
+    lm,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    budgets: Sequence[float],
+    policy_names: Sequence[str],
+    samples: int,
+    seed: int = 0,
+    max_new_tokens: int = 16,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Score every policy and budget on every task sample; one tidy row per (sample, policy, budget).
+
+    Parameters
+    ----------
+    lm : LoadedModel.
+    tasks, lengths, depths, samples, seed : as in `tasks.make_suite` (lengths counted with the
+        model's tokenizer on the user message; `prompt_tokens` is what the model read, chat
+        template included).
+    budgets : fractions in (0, 1]; every policy but "full" runs at each.
+    policy_names : registry names; "full" runs once per sample at budget 1.0.
+    max_new_tokens : greedy decoding, chat template on; kv answers need ~24 with the bundled model.
+    progress : optional `callable(done, total, message)`, called before each sample and at the end.
+
+    Returns
+    -------
+    DataFrame with `SWEEP_COLUMNS`.
+    """
+    grid, keep_full = _grid(policy_names, budgets)
+    _check_tasks(tasks)
+    lengths = list(lengths)
+    if lengths and max(lengths) > lm.max_prompt_tokens:
+        raise ValueError(
+            f"Length {max(lengths)} is over this model's limit of {lm.max_prompt_tokens} tokens."
+        )
+    suite = make_suite(
+        tasks, lengths, depths, samples, seed, lambda text: len(lm.tokenizer(text)["input_ids"])
+    )
+    rows = []
+    for i, sample in enumerate(suite):
+        if progress:
+            progress(i, len(suite), f"{sample.task} {sample.target_tokens} depth {sample.depth:g}")
+        for name, budget, res in _compare(lm, sample.prompt, grid, max_new_tokens):
+            if name == "full" and not keep_full:
+                continue
+            rows.append(
+                {
+                    "task": sample.task, "target_tokens": sample.target_tokens,
+                    "prompt_tokens": res.metrics["prompt_tokens"], "depth": sample.depth,
+                    "sample": sample.seed - seed, "policy": name, "budget": budget,
+                    "score": score(sample, res.text), "output": res.text, "answer": sample.answer,
+                    **{k: res.metrics.get(k, math.nan) for k in METRICS},
+                }
+            )  # fmt: skip
+    if progress:
+        progress(len(suite), len(suite), "done")
+    return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+
+
+def fidelity_sweep(
+    lm,
+    prompt: str,
+    budgets: Sequence[float],
+    policy_names: Sequence[str],
+    max_new_tokens: int = 64,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Fidelity to the full cache of every policy at every budget on one prompt (one compare call).
+
+    Returns one row per (policy, budget) with `FIDELITY_COLUMNS`; `progress(step, max_new_tokens,
+    message)` follows the decoding steps.
+    """
+    grid, keep_full = _grid(policy_names, budgets)
+
+    def on_update(update) -> None:
+        if progress and update.kind in ("status", "token"):
+            progress(
+                update.step, max_new_tokens, update.text if update.kind == "status" else f"step {update.step}"
+            )
+
+    rows = [
+        (name, budget, *[res.metrics.get(k, math.nan) for k in FIDELITY], res.text)
+        for name, budget, res in _compare(lm, prompt, grid, max_new_tokens, on_update)
+        if name != "full" or keep_full
+    ]
+    return pd.DataFrame(rows, columns=list(FIDELITY_COLUMNS))
+
+
+def score_table(df: pd.DataFrame, columns: Sequence[str] = ("task",)) -> pd.DataFrame:
+    """Mean score: rows (policy, budget) in run order, one column per value of `columns`."""
+    table = df.pivot_table(index=["policy", "budget"], columns=list(columns), values="score", sort=False)
+    table.columns = [" ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in table.columns]
+    return table.reset_index()
+
+
+def fidelity_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean KV fraction, agreement, KL, NLL and decode time per (policy, budget)."""
+    return df.groupby(["policy", "budget"], sort=False)[list(METRICS)].mean().reset_index()
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A GitHub markdown table; floats to 3 significant digits, NaN as a dash."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+        return str(v)
+
+    rows = [list(map(str, df.columns)), ["---"] * df.shape[1]]
+    rows += [[cell(v) for v in row] for row in df.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def replace_block(text: str, block: str) -> str | None:
+    """`text` with the lines between the START and END marker lines replaced; None without both."""
+    lines = text.splitlines(keepends=True)
+    marks = [i for i, line in enumerate(lines) if line.strip() in (START, END)]
+    if len(marks) != 2 or lines[marks[0]].strip() != START or lines[marks[1]].strip() != END:
+        return None
+    return "".join(lines[: marks[0] + 1]) + block.rstrip("\n") + "\n" + "".join(lines[marks[1] :])
+
+
+def results_block(df: pd.DataFrame, doc: dict, seconds: float) -> str:
+    """The README block: machine and date, retrieval scores, fidelity summary, bench tables and targets."""
+    m, s, b = doc["machine"], RESULTS_SWEEP, RESULTS_BENCH
+    percent = lambda t: t.assign(budget=[f"{100 * x:g} %" for x in t["budget"]])
+    fid = percent(fidelity_table(df)).rename(
+        columns={"kv_fraction": "KV of full", "token_agreement": "agreement", "mean_kl_to_full": "KL to full",
+                 "nll_of_reference": "NLL of full's tokens", "decode_ms_per_token": "decode ms/token"}
+    )  # fmt: skip
+    return "\n".join(
+        [
+            f"Measured {datetime.date.today().isoformat()} by `python -m d2o_core results` "
+            f"({seconds / 60:.1f} min): {m['model']} ({m['dtype']}) on {m['cpu']}, {m['cores']} cores, "
+            f"torch {m['torch']}, transformers {m['transformers']}, device {m['device']}.",
+            "",
+            f"Retrieval, exact match (tasks.py; mean over depths {', '.join(map(str, s['depths']))} and "
+            f"{s['samples']} samples; greedy, {s['max_new_tokens']} new tokens):",
+            "",
+            markdown(percent(score_table(df, ("task", "target_tokens")))),
+            "",
+            "Fidelity to the full cache (same runs; teacher-forced on the full cache's tokens):",
+            "",
+            markdown(fid),
+            "",
+            f"Cost (`python -m d2o_core bench`, budget {100 * b['budget']:g} %, {b['new_tokens']} new "
+            f"tokens, median of {b['repeats']} after a warm-up; peak RSS {doc['peak_rss_mb']:.0f} MB):",
+            "",
+            markdown(bench.policy_table(doc)),
+            "",
+            markdown(bench.ratio_table(doc)),
+            "",
+            *[f"- {line}" for line in bench.target_lines(doc)],
+        ]
+    )
+
+
+def cmd_sweep(args) -> int:
+    names = bench.split(args.policies, str, "--policies", "full,h2o,d2o")
+    budgets = bench.split(args.budgets, float, "--budgets", "0.1,0.2,0.4")
+    task_list = bench.split(args.tasks, str, "--tasks", "passkey,kv")
+    _grid(names, budgets), _check_tasks(task_list)  # fail on bad input before loading the model
+    lengths = bench.split(args.lengths, int, "--lengths", "512,1024")
+    depths = bench.split(args.depths, float, "--depths", "0.1,0.5,0.9")
+    lm = bench.load(args)
+    with bench.progress_bar("sweep") as progress:
+        df = run_sweep(lm, task_list, lengths, depths, budgets, names, args.samples, args.seed,
+                       args.max_new_tokens, progress)  # fmt: skip
+    print(score_table(df).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    return 0
+
+
+def cmd_results(args) -> int:
+    readme = Path(args.readme)
+    if not readme.is_file() or replace_block(readme.read_text(), "") is None:
+        print(f"{readme} has no {START} ... {END} block: the tables will only be printed.", file=sys.stderr)
+    start = time.perf_counter()
+    lm = bench.load(args)
+    with bench.progress_bar("results: sweep") as progress:
+        df = run_sweep(lm, **RESULTS_SWEEP, progress=progress)
+    with bench.progress_bar("results: bench") as progress:
+        doc = bench.run_bench(
+            lm, **RESULTS_BENCH, model=args.model, device=args.device, dtype=args.dtype, progress=progress
+        )
+    block = results_block(df, doc, time.perf_counter() - start)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "sweep.csv", index=False)
+    (out / "bench.json").write_text(json.dumps(jsonable(doc), indent=2))
+    (out / "results.md").write_text(block + "\n")
+    new = replace_block(readme.read_text(), block) if readme.is_file() else None
+    if new is None:
+        print(block + f"\n\n{readme} was not changed: it has no {START} ... {END} block.")
+    else:
+        readme.write_text(new)
+        print(
+            f"rewrote the results block of {readme}; wrote {out}/sweep.csv, bench.json, results.md",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_parser(sub, model_args: Callable) -> None:
+    """Add the `sweep` and `results` subcommands to the CLI's subparsers."""
+    p = sub.add_parser("sweep", help="score policies on retrieval tasks across budgets, lengths and depths")
+    p.add_argument("--tasks", default="passkey,kv", help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--lengths", default="512,1024", help="prompt lengths in tokens, comma list")
+    p.add_argument("--budgets", default="0.1,0.2,0.4", help="fractions in (0, 1], comma list")
+    p.add_argument("--policies", default="full,streaming,h2o,d2o", help=", ".join(POLICIES))
+    p.add_argument("--samples", type=int, default=1, help="samples (needle seeds) per task, length and depth")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in [0, 1], comma list")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="kv needs ~24 with the bundled model")
+    p.add_argument("--csv", default="sweep.csv", help="where the tidy rows go")
+    p.add_argument("--seed", type=int, default=0)
+    model_args(p)
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("results", help="rerun the fixed sweep and benchmark; rewrite README's results block")
+    p.add_argument("--readme", default="README.md", help=f"file whose {START} ... {END} block is rewritten")
+    p.add_argument("--out", default="results", help="folder for sweep.csv, bench.json and results.md")
+    model_args(p)
+    p.set_defaults(func=cmd_results)

@@ -1,0 +1,141 @@
+"""The benchmark: ratios and target marks on hand-made numbers, the CLI end to end on the tiny model.
+
+No assertion here depends on how fast anything ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from d2o_core import bench, models
+from d2o_core.__main__ import main
+
+LENGTH = 300  # the smallest passkey prompt is ~240 characters (= tokens with the CharTokenizer)
+POLICY_KEYS = {"prefill_seconds", "decode_ms_per_token", "kv_bytes_final", "kv_bytes_peak"}
+
+
+@pytest.fixture
+def cli_tiny(monkeypatch, tiny):
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    return tiny
+
+
+def run(n, full=(2.0, 50.0), h2o=(4.0, 40.0), d2o=(5.0, 46.0), compare=9.0, single=3.0) -> dict:
+    """One length's measurements, (prefill s, decode ms/token) per policy."""
+    out = {"target_tokens": n, "compare_seconds": compare, "single_full_seconds": single}
+    for name, (prefill, decode) in (("full", full), ("h2o", h2o), ("d2o", d2o)):
+        out[name] = {"prefill_seconds": prefill, "decode_ms_per_token": decode}
+    return out | {"ratios": bench.ratios(out)}
+
+
+def test_ratios_divide_within_one_run():
+    r = run(512)["ratios"]
+    assert r["h2o_over_full_decode"] == pytest.approx(0.8)
+    assert r["d2o_over_full_decode"] == pytest.approx(0.92)
+    assert r["d2o_over_h2o_decode"] == pytest.approx(1.15)
+    assert r["h2o_over_full_prefill"] == pytest.approx(2.0)
+    assert r["d2o_over_h2o_prefill"] == pytest.approx(1.25)
+    assert r["compare_over_single"] == pytest.approx(3.0)
+    missing = bench.ratios({"full": {"decode_ms_per_token": 50.0, "prefill_seconds": 1.0}})
+    assert math.isnan(missing["d2o_over_full_decode"]) and math.isnan(missing["compare_over_single"])
+
+
+def marks(doc: dict) -> list:
+    return [(t["passed"], t["at_prompt_tokens"]) for t in bench.targets(doc)]
+
+
+def test_targets_are_marked_by_the_worst_length():
+    runs = [run(512, compare=3.0), run(2048, d2o=(5.0, 47.0), compare=5.9)]  # d2o/h2o 1.15 then 1.175
+    doc = {"runs": runs, "budget": 0.2, "load": {"cold_seconds": 20.0, "cached_seconds": 1.2}}
+    assert marks(doc) == [(False, 2048), (True, 2048), (True, 2048), (True, None)]
+    assert bench.targets(doc)[0]["value"] == pytest.approx(47 / 40)
+    runs = [run(512, compare=7.0), run(2048, d2o=(5.0, 50.0), compare=3.0)]  # d2o == full: not below
+    doc = {"runs": runs, "budget": 0.2, "load": {"cached_seconds": 6.0}}
+    assert marks(doc) == [(False, 2048), (False, 2048), (False, 512), (False, None)]
+
+
+def test_limits_are_inclusive_except_below_full():
+    doc = {"runs": [run(2048, d2o=(5.0, 46.0), compare=6.0)], "budget": 0.2, "load": {"cached_seconds": 5.0}}
+    assert [t["passed"] for t in bench.targets(doc)] == [True, True, True, True]
+
+
+def test_targets_not_measured_are_not_marked():
+    doc = {"runs": [run(1024)], "budget": 0.2, "load": None}  # no 2048 run, no load measurement
+    assert [t["passed"] for t in bench.targets(doc)] == [True, None, False, None]
+    doc = {"runs": [run(2048)], "budget": 0.4, "load": {"error": "no model"}}  # 2048 but not 20 %
+    assert [t["passed"] for t in bench.targets(doc)][1::2] == [None, None]
+    lines = bench.target_lines(doc | {"targets": bench.targets(doc)})
+    assert [line[:4] for line in lines] == ["PASS", "n/a ", "FAIL", "n/a "]
+
+
+def test_cli_bench_writes_the_documented_json(cli_tiny, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--prompt-tokens", f"{LENGTH},{LENGTH + 30}", "--budget", "0.25", "--new-tokens", "3"]
+    assert main([*argv, "--repeats", "1", "--no-load", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {"compare_seconds", "single_full_seconds", "prompt_tokens", "runs", "ratios", "targets"} <= set(
+        doc
+    )
+    assert [r["target_tokens"] for r in doc["runs"]] == [LENGTH, LENGTH + 30]
+    top = doc["runs"][1]
+    assert doc["prompt_tokens"] == top["prompt_tokens"] and doc["compare_seconds"] == top["compare_seconds"]
+    for r in doc["runs"]:
+        assert LENGTH - 20 < r["prompt_tokens"] <= r["target_tokens"]
+        for name in ("full", "h2o", "d2o"):
+            assert POLICY_KEYS <= set(r[name]) and r[name]["prefill_seconds"] > 0
+        assert r["full"]["kv_bytes_final"] == r["full"]["kv_bytes_peak"]
+        assert r["h2o"]["kv_bytes_final"] < r["h2o"]["kv_bytes_peak"] <= r["full"]["kv_bytes_peak"]
+        assert r["d2o"]["kv_bytes_final"] == pytest.approx(0.25 * r["full"]["kv_bytes_final"], rel=0.05)
+        assert r["ratios"]["d2o_over_h2o_decode"] == pytest.approx(
+            r["d2o"]["decode_ms_per_token"] / r["h2o"]["decode_ms_per_token"]
+        )
+    assert doc["load"] is None and doc["policies"] == ["full", "h2o", "d2o"] and doc["peak_rss_mb"] > 0
+    assert {"cpu", "cores", "torch", "device"} <= set(doc["machine"]) and len(doc["targets"]) == 4
+    printed = capsys.readouterr().out
+    assert "decode ms/token" in printed and "compare/single" in printed and "n/a" in printed
+
+
+def test_timed_runs_decode_every_token_even_when_the_model_would_stop(tiny, monkeypatch):
+    import dataclasses
+
+    stopping = dataclasses.replace(tiny, eos_ids=set(range(128)))  # every token is an end token
+    seen, real = [], bench.generate
+
+    def spy(lm, *args, **kwargs):
+        res = real(lm, *args, **kwargs)
+        seen.append((kwargs["fidelity"], res.metrics["new_tokens"]))
+        return res
+
+    monkeypatch.setattr(bench, "generate", spy)
+    doc = bench.run_bench(stopping, [LENGTH], 0.5, 4, ["h2o"], repeats=1)
+    assert seen == [(False, 4)] * 4  # (full, h2o) x (warm-up, one timed round)
+    assert doc["policies"] == ["full", "h2o"] and "h2o" in doc and "d2o" not in doc
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--budget", "0"],
+        ["--budget", "1.5"],
+        ["--policies", "full,nope"],
+        ["--prompt-tokens", "x"],
+        ["--prompt-tokens", "100000"],
+        ["--repeats", "0"],
+    ],
+)
+def test_cli_bench_rejects_bad_input(cli_tiny, capsys, bad):
+    assert main(["bench", "--no-load", *bad]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
+
+
+def test_load_measurement_reports_a_failed_load_instead_of_raising(tmp_path):
+    result = bench.measure_load(str(tmp_path / "no-such-model"))
+    assert "error" in result and "cold_seconds" not in result
+
+
+def test_machine_info_names_the_cpu_and_versions(tiny):
+    info = bench.machine_info(tiny)
+    assert info["cpu"] and info["cores"] >= 1 and info["device"] == "cpu" and info["model"] == tiny.name

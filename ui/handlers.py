@@ -1,0 +1,290 @@
+"""What the app's buttons and pickers do: plain functions that return {output name: value}.
+
+What this module is: the request handlers behind `ui/layout.py` — build policies from
+the controls, stream a comparison, redraw one figure from stored results, prepare
+downloads, and the JSON API. They take plain values and return dicts keyed by output
+names, so tests call them directly without a browser; the layout maps names to components.
+
+What it is not: no layout, no model state (`Engine` holds the model; each request's
+results travel in the page's `gr.State`), no figure code (`ui/figures.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from d2o_core import POLICIES, iter_compare, report
+from d2o_core.events import EVENTS_SCHEMA, STEPS_SCHEMA, SURVIVAL_SCHEMA, frame
+from d2o_core.policies import build
+from d2o_core.policies.d2o import VARIANTS
+
+from . import figures
+from .engine import Engine, gpu
+
+log = logging.getLogger(__name__)
+NAMES = list(POLICIES)  # one column per registry entry, in registry order
+DEFAULT_CHOSEN = ["full", "h2o", "d2o"]
+
+
+@dataclass
+class Controls:
+    """The "Advanced" settings; defaults are each method's published defaults."""
+
+    h2o_sinks: int = 0
+    h2o_recent: float = 0.5
+    stream_sinks: int = 4
+    d2o_variant: str = "paper"
+    d2o_sinks: int = 4
+    d2o_recent: float = 0.25
+    d2o_beta: float = 0.7
+    d2o_merge: bool = True
+    d2o_layer_budgets: str = "dynamic"
+    d2o_protected: str = ""
+    temperature: float = 0.0
+    seed: int = 0
+    chat: bool = True
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """'0, 1, -1' -> (0, 1, -1); ValueError with a sentence otherwise."""
+    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"Protected layers must be whole numbers separated by commas (0, 1, -1); got {text!r}."
+        ) from None
+
+
+def variant_defaults(variant: str) -> tuple[float, float, str]:
+    """(recent share, beta, protected layers text) of a D2O variant, to refresh the Advanced controls."""
+    v = VARIANTS[variant]
+    return v["recent_share"], v["beta"], ", ".join(str(i) for i in v["protected_layers"])
+
+
+def build_policies(names: list[str], budget_percent: float, c: Controls) -> list:
+    """Policies for the chosen names at `budget_percent` (5-100) with the Advanced settings."""
+    budget = float(budget_percent) / 100
+    settings = {
+        "full": {},
+        "streaming": {"n_sink": int(c.stream_sinks)},
+        "h2o": {"n_sink": int(c.h2o_sinks), "recent_share": float(c.h2o_recent)},
+        "d2o": {
+            "variant": c.d2o_variant,
+            "n_sink": int(c.d2o_sinks),
+            "recent_share": float(c.d2o_recent),
+            "beta": float(c.d2o_beta),
+            "merge": bool(c.d2o_merge),
+            "layer_budgets": c.d2o_layer_budgets,
+            "protected_layers": parse_layers(c.d2o_protected),
+        },
+    }
+    return [build(name, budget, **settings[name]) for name in NAMES if name in (names or [])]
+
+
+def columns_visible(names: list[str]) -> dict:
+    return {f"col:{n}": gr.update(visible=n in (names or [])) for n in NAMES}
+
+
+def _view_default(labels: list[str]) -> str:
+    for preferred in ("d2o", "h2o", "streaming"):
+        hits = [label for label in labels if label.startswith(preferred)]
+        if hits:
+            return hits[0]
+    return labels[0]
+
+
+def run_comparison(
+    engine: Engine,
+    prompt: str,
+    names: list[str],
+    budget_percent: float,
+    max_new_tokens: int,
+    model: str | None = None,
+    controls: Controls | None = None,
+):
+    """Stream a comparison: yields dicts of output name -> value (texts per step, then figures)."""
+    try:
+        yield from _run(engine, prompt, names, budget_percent, max_new_tokens, model, controls or Controls())
+    except ValueError as exc:  # the user's input: say what to change
+        raise gr.Error(str(exc), print_exception=False) from None
+    except gr.Error:
+        raise
+    except Exception as exc:  # never a stack trace in the page; keep it in the server log
+        log.error("generation failed:\n%s", traceback.format_exc())
+        message = f"Generation failed ({type(exc).__name__}: {exc}). The details are in the server log."
+        raise gr.Error(message) from None
+
+
+def _run(engine, prompt, names, budget_percent, max_new_tokens, model, controls):
+    policies = build_policies(names, budget_percent, controls)
+    if not policies:
+        raise ValueError("No policy selected: tick at least one cache policy.")
+    if not (prompt or "").strip():
+        raise ValueError("The prompt is empty: type a prompt or pick an example.")
+    blank = {f"text:{n}": "" for n in NAMES} | {f"stats:{n}": "" for n in NAMES}
+    yield blank | columns_visible(names) | {"status": "Starting…"}
+    if not engine.is_loaded(model):
+        yield {"status": "Loading the model (the first start converts the bundled model, about 20 s)…"}
+    lm = engine.get(model)
+    column = {p.label: p.name for p in policies}
+    stream = _stream(lm, prompt, policies, int(max_new_tokens), controls)
+    for update in stream:
+        if update.kind == "status":
+            yield {"status": update.text}
+        elif update.kind == "token":
+            yield {f"text:{column[update.label]}": update.text, "status": f"Generating… step {update.step}"}
+        else:
+            yield _finished(lm, update.results, column)
+
+
+@gpu
+def _stream(lm, prompt, policies, max_new_tokens, controls):
+    yield from iter_compare(
+        lm,
+        prompt,
+        policies,
+        max_new_tokens=max_new_tokens,
+        chat=controls.chat,
+        temperature=float(controls.temperature),
+        seed=int(controls.seed),
+    )
+
+
+def _finished(lm, results: dict, column: dict) -> dict:
+    labels = list(results)
+    view = _view_default(labels)
+    layer = lm.n_layers // 2
+    n_prompt = next(iter(results.values())).metrics["prompt_tokens"]
+    state = {"results": results, "model": lm.name, "n_prompt": n_prompt}
+    out = {f"stats:{column[label]}": report.stats_line(res.metrics) for label, res in results.items()}
+    out |= {f"text:{column[label]}": res.text for label, res in results.items()}
+    out |= {
+        "status": f"Done: {state['n_prompt']} prompt tokens, {len(labels)} policies, model {lm.name}.",
+        "state": state,
+        "summary": report.summary(results).round(3),
+        "budget_fig": figures.budget_heatmap(report.combined(results, "layer_budgets")),
+        "drift_fig": drift_figure(results),
+        "view": gr.update(choices=labels, value=view),
+        "layer": gr.update(maximum=lm.n_layers - 1, value=layer),
+        "head": gr.update(maximum=lm.n_kv_heads - 1, value=0),
+    }
+    return out | policy_views(state, view, layer, 0)
+
+
+def drift_figure(results: dict):
+    """Drift of every policy but the reference itself."""
+    return figures.drift(report.combined({k: v for k, v in results.items() if k != "full"}, "drift"))
+
+
+def policy_views(state: dict | None, label: str, layer: int, head: int) -> dict:
+    """The three per-policy figures (cache over time, timeline, survival) from stored results."""
+    res = (state or {}).get("results", {}).get(label)
+    if res is None:
+        return {
+            "cache_fig": figures.cache_over_time(frame({}, STEPS_SCHEMA)),
+            "timeline_fig": figures.timeline(frame({}, EVENTS_SCHEMA), 0, 0, 0),
+            "survival_fig": figures.survival(frame({}, SURVIVAL_SCHEMA)),
+        }
+    return {
+        "cache_fig": figures.cache_over_time(res.steps, label),
+        "timeline_fig": timeline_view(state, label, layer, head)["timeline_fig"],
+        "survival_fig": figures.survival(res.survival(), label),
+    }
+
+
+def timeline_view(state: dict | None, label: str, layer: int, head: int) -> dict:
+    """Only the timeline: instant when the layer or head picker moves."""
+    res = (state or {}).get("results", {}).get(label)
+    if res is None:
+        return {"timeline_fig": figures.timeline(frame({}, EVENTS_SCHEMA), 0, 0, 0)}
+    return {"timeline_fig": figures.timeline(res.events, int(layer), int(head), state["n_prompt"], label)}
+
+
+def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> dict:
+    """Write events CSV, the run JSON and every figure as standalone HTML; returns the file list."""
+    if not state or not state.get("results"):
+        raise gr.Error("Nothing to download yet: run a prompt first.", print_exception=False)
+    results = state["results"]
+    folder = Path(tempfile.mkdtemp(prefix="d2o-run-"))
+    files = {
+        "events.csv": report.events_csv(results),
+        "run.json": report.comparison_json(results, {"model": state["model"]}),
+    }
+    views = policy_views(state, label, layer, head)
+    figs = {
+        "budget_heatmap": figures.budget_heatmap(report.combined(results, "layer_budgets")),
+        "drift": drift_figure(results),
+        "cache_over_time": views["cache_fig"],
+        "timeline": views["timeline_fig"],
+        "survival": views["survival_fig"],
+    }
+    files |= {f"{name}.html": figures.to_html(fig) for name, fig in figs.items()}
+    paths = []
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+        paths.append(str(folder / name))
+    return {"downloads": paths}
+
+
+def api_compare(
+    engine: Engine, prompt: str, policies: list[str], budget: float = 0.2, max_new_tokens: int = 64
+) -> dict:
+    """The JSON API: texts and metrics per policy (budget as a fraction, e.g. 0.2)."""
+    if not 0 < float(budget) <= 1:
+        raise gr.Error("budget is a fraction in (0, 1], e.g. 0.2 for 20 %.", print_exception=False)
+    results = {}
+    for out in run_comparison(engine, prompt, list(policies), 100 * float(budget), int(max_new_tokens)):
+        results = out.get("state", {}).get("results", results)
+    return report.jsonable(
+        {"results": {label: {"text": res.text, "metrics": res.metrics} for label, res in results.items()}}
+    )
+
+
+def run_sweep(
+    engine: Engine,
+    prompt: str,
+    names: list[str],
+    budgets: list,
+    max_new_tokens: int,
+    model: str | None = None,
+    progress=None,
+):
+    """The Budget sweep tab: fidelity to the full cache vs budget on the user's prompt."""
+    from d2o_core import sweep  # noqa: PLC0415 - only this tab needs it
+
+    try:
+        names = [n for n in (names or []) if n != "full"]
+        if not names:
+            raise ValueError("Tick at least one policy other than the full cache to sweep.")
+        if not budgets:
+            raise ValueError("Tick at least one budget to sweep.")
+        if not (prompt or "").strip():
+            raise ValueError("The prompt is empty: type one on the Compare tab or pick an example.")
+        yield {"sweep_status": "Loading the model…" if not engine.is_loaded(model) else "Sweeping…"}
+        lm = engine.get(model)
+        report_progress = (
+            (lambda done, total, msg: progress(done / max(total, 1), desc=msg)) if progress else None
+        )
+        df = sweep.fidelity_sweep(
+            lm,
+            prompt,
+            sorted(float(b) / 100 for b in budgets),
+            names,
+            int(max_new_tokens),
+            progress=report_progress,
+        )
+    except ValueError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    yield {
+        "sweep_status": f"Done: {len(df)} runs sharing one prefill.",
+        "agree_fig": figures.sweep_curves(df, y="token_agreement", facet=None),
+        "kl_fig": figures.sweep_curves(df, y="mean_kl_to_full", facet=None),
+        "sweep_table": df.drop(columns=[c for c in ("text",) if c in df.columns]).round(4),
+    }
