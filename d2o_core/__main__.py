@@ -54,19 +54,25 @@ def _read_prompt(args) -> str:
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local path or hub id (default: bundled SmolLM2-135M)")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16"
+    )
 
 
 def _generation_args(parser: argparse.ArgumentParser, default_policies: str) -> None:
     parser.add_argument("--prompt", default=None)
     parser.add_argument("--prompt-file", default=None)
     parser.add_argument("--policies", default=default_policies, help=f"comma list of {', '.join(POLICIES)}")
-    parser.add_argument("--budget", type=float, default=0.2, help="fraction of the prompt kept per layer, (0, 1]")
+    parser.add_argument(
+        "--budget", type=float, default=0.2, help="fraction of the prompt kept per layer, (0, 1]"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="POLICY.SETTING=VALUE")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    parser.add_argument(
+        "--no-chat", action="store_true", help="feed the prompt raw, without the chat template"
+    )
     parser.add_argument("--json", default=None, help="write the whole result (texts, metrics, frames) here")
     _model_args(parser)
 
@@ -77,11 +83,18 @@ def cmd_compare(args, stream: bool = False) -> int:
         raise ValueError("run streams one policy; use compare for several.")
     prompt = _read_prompt(args)
     lm = load_model(args.model, args.device, args.dtype)
-    print(f"model: {lm.name} ({lm.source}) on {lm.device}, loaded in {lm.load_seconds:.1f} s", file=sys.stderr)
+    print(
+        f"model: {lm.name} ({lm.source}) on {lm.device}, loaded in {lm.load_seconds:.1f} s", file=sys.stderr
+    )
     results, shown = {}, 0
     for update in iter_compare(
-        lm, prompt, policies, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-        temperature=args.temperature, seed=args.seed,
+        lm,
+        prompt,
+        policies,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat,
+        temperature=args.temperature,
+        seed=args.seed,
     ):
         if update.kind == "status":
             print(update.text, file=sys.stderr)

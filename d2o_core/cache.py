@@ -18,9 +18,8 @@ itself (see `ops.py`); all its state is per request.
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import ops
@@ -63,21 +62,23 @@ class PolicyLayer(CacheLayerMixin):
     ):
         super().__init__()
         _, n_kv, _, dim = like.shape
+        device = like.device
         self.index, self.plan, self.merge = index, plan, merge
-        self.keys = like.new_empty(1, n_kv, capacity, dim)
-        self.values = like.new_empty(1, n_kv, capacity, dim)
-        self.positions = torch.zeros(n_kv, capacity, dtype=torch.long, device=like.device)
-        self.scores = (
-            torch.zeros(n_kv, capacity, dtype=torch.float32, device=like.device) if with_scores else None
-        )
-        self.heads = torch.arange(n_kv, device=like.device)
+        # Keys and values share one buffer so a merge reads and writes both in one indexed op.
+        self.kv = like.new_empty(2, n_kv, capacity, dim)
+        self.keys, self.values = self.kv[0:1], self.kv[1:2]
+        self.positions = torch.zeros(n_kv, capacity, dtype=torch.long, device=device)
+        self.scores = torch.zeros(n_kv, capacity, dtype=torch.float32, device=device) if with_scores else None
+        # Key norms, kept current so D2O's cosine similarities cost one matmul per step.
+        self.norms = torch.ones(n_kv, capacity, dtype=torch.float32, device=device) if merge else None
+        self.heads = torch.arange(n_kv, device=device)
         self.used = 0  # slots [0, used) hold entries whenever attention runs
         self.hole: torch.Tensor | None = None  # [Hkv] slot per head freed by the last eviction
         self.seen = 0
         self.peak = 0
         self.tau: torch.Tensor | None = None
         self.is_initialized = True
-        self.dtype, self.device = like.dtype, like.device
+        self.dtype, self.device = like.dtype, device
 
     # -- transformers' layer interface ----------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
@@ -98,6 +99,8 @@ class PolicyLayer(CacheLayerMixin):
         self.positions[index] = self.seen
         if self.scores is not None:
             self.scores[index] = 0.0
+        if self.norms is not None:
+            self.norms[index] = _norm(key_states[0, :, 0])
         self.seen += 1
         self.peak = max(self.peak, self.used)
         return self.keys[:, :, : self.used], self.values[:, :, : self.used]
@@ -119,10 +122,12 @@ class PolicyLayer(CacheLayerMixin):
     def load(self, keys, values, positions, scores, seen: int) -> None:
         """Fill the first slots with compressed prompt entries ([Hkv, S, D] / [Hkv, S])."""
         n = keys.shape[1]
-        self.keys[0, :, :n], self.values[0, :, :n] = keys, values
+        self.kv[0, :, :n], self.kv[1, :, :n] = keys, values
         self.positions[:, :n] = positions
         if self.scores is not None:
             self.scores[:, :n] = scores
+        if self.norms is not None:
+            self.norms[:, :n] = _norm(keys)
         self.used, self.seen, self.peak = n, seen, seen
 
     def after_attention(self, query, key, scaling: float, step: int, log: EventLog) -> None:
@@ -130,73 +135,67 @@ class PolicyLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores[:, : self.used] += ops.attention_row(query, key, scaling)
         budget = self.plan.budget
-        evicted, merged = 0, 0
-        if budget is not None and self.stored > budget:
-            merged = self._evict_one(step, log)
-            evicted = len(self.heads)
-        log.record_step(
-            step, self.index, self.stored, self.seen if budget is None else budget, evicted, merged
-        )
-
-    def _evict_one(self, step: int, log: EventLog):
-        used, heads = self.used, self.heads
-        positions = self.positions[:, :used]
-        scores = self.scores[:, :used] if self.scores is not None else positions.float()
-        victim = ops.pick_victim(scores, positions, self.plan.n_sink, self.plan.n_recent, self.seen)
-        gone = positions[heads, victim]
-        score = (
-            self.scores[heads, victim]
-            if self.scores is not None
-            else torch.full_like(gone, math.nan, dtype=torch.float)
-        )
-        target_pos = torch.full_like(gone, -1)
-        sim = torch.full_like(score, math.nan)
-        merged = 0
+        if budget is None or self.stored <= budget:
+            log.record_step(step, self.index, self.stored, self.seen if budget is None else budget, 0, 0)
+            return
+        heads, positions = self.heads, self.positions[:, : self.used]
+        ranking = self.scores[:, : self.used] if self.scores is not None else positions
+        victim = ops.pick_victim(ranking, positions, self.plan.n_sink, self.plan.n_recent, self.seen)
+        score = self.scores[heads, victim] if self.scores is not None else None
+        target = sim = merged = None
         if self.merge is not None:
-            target_pos, sim, merged = self._merge_one(victim)
-        log.record(step, self.index, heads, gone, target_pos, sim, score)
+            target, sim, merged = self._merge_one(victim)
+        log.record(step, self.index, heads, positions[heads, victim], score, target, sim, merged)
         self.hole = victim
-        return merged
+        log.record_step(step, self.index, self.stored, budget, len(heads), 0 if merged is None else merged)
 
     def _merge_one(self, victim: torch.Tensor):
-        """D2O at one step: fold each head's victim into its most similar kept entry when it passes tau."""
+        """D2O at one step: fold each head's victim into its most similar kept entry when it passes tau.
+
+        Returns the targets' positions, the similarities and the merge decisions, all [Hkv].
+        """
         rule, heads, used = self.merge, self.heads, self.used
-        keys, values = self.keys[0, :, :used], self.values[0, :, :used]
-        valid = torch.ones(len(heads), used, dtype=torch.bool, device=keys.device)
-        valid[heads, victim] = False
-        sim, target = ops.nearest_kept(keys[heads, victim][:, None], keys, valid)
+        kv = self.kv[:, :, :used]
+        gone = kv[:, heads, victim]  # [2, Hkv, D]
+        dots = torch.bmm(kv[0], gone[0][:, :, None])[..., 0].float()
+        cos = dots / (self.norms[:, :used] * self.norms[heads, victim][:, None])
+        cos[heads, victim] = float("-inf")
+        sim, target = cos.max(dim=-1)
         self.tau = ops.update_threshold(self.tau, sim, rule.beta, rule.statistic)
         merged = ops.merge_decision(sim, self.tau, rule.shared_by_heads)
-        w_self, w_in = ops.merge_weights(sim, target, merged, used, rule.variant)
-        t = target[:, 0]
-        for buf in (keys, values):
-            # The one-entry case of ops.apply_merge, computed on the target rows only.
-            new = buf[heads, t].float() * w_self[heads, t, None] + buf[heads, victim].float() * w_in
-            buf[heads, t] = new.to(buf.dtype)
-        on = merged[:, 0]
-        pos = torch.where(on, self.positions[heads, t], -1)
-        return pos, torch.where(on, sim[:, 0], math.nan), on.sum()
+        w_self, w_in = ops.pair_weights(sim, merged, rule.variant)
+        new = kv[:, heads, target].float() * w_self[:, None] + gone.float() * w_in[:, None]
+        kv[:, heads, target] = new.to(kv.dtype)
+        self.norms[heads, target] = _norm(new[0])
+        return self.positions[heads, target], sim, merged
 
     def _grow(self, need: int) -> None:
-        cap = self.keys.shape[2]
+        cap = self.kv.shape[2]
         if need <= cap:
             return
-        new_cap = max(need, 2 * cap)
-        pad = new_cap - cap
-        self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
-        self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
-        self.positions = torch.nn.functional.pad(self.positions, (0, pad))
+        pad = max(need, 2 * cap) - cap
+        self.kv = F.pad(self.kv, (0, 0, 0, pad))
+        self.keys, self.values = self.kv[0:1], self.kv[1:2]
+        self.positions = F.pad(self.positions, (0, pad))
         if self.scores is not None:
-            self.scores = torch.nn.functional.pad(self.scores, (0, pad))
+            self.scores = F.pad(self.scores, (0, pad))
+        if self.norms is not None:
+            self.norms = F.pad(self.norms, (0, pad), value=1.0)
 
     def clone(self) -> PolicyLayer:
         """An independent copy (used to fork a teacher-forced run)."""
         twin = object.__new__(PolicyLayer)
         twin.__dict__.update(self.__dict__)
-        for name in ("keys", "values", "positions", "scores", "hole", "tau"):
+        for name in ("kv", "positions", "scores", "norms", "hole", "tau"):
             value = getattr(self, name)
             setattr(twin, name, value.clone() if isinstance(value, torch.Tensor) else value)
+        twin.keys, twin.values = twin.kv[0:1], twin.kv[1:2]
         return twin
+
+
+def _norm(keys: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms over the last dim in float32, never 0 (they divide)."""
+    return torch.linalg.vector_norm(keys.float(), dim=-1).clamp_min_(1e-12)
 
 
 def compress_layer(
@@ -225,16 +224,11 @@ def compress_layer(
         layer.load(keys[0], values[0], positions, scores, length)
         log.record_step(0, index, length, length if budget is None else budget, 0, 0)
         return layer
-    ranking = scores if scores is not None else positions.float()
+    ranking = scores if scores is not None else positions
     kept, gone = ops.keep_sets(ranking, positions, budget, plan.n_sink, plan.n_recent, length)
     take = lambda src, idx: src[0].gather(1, idx[..., None].expand(-1, -1, dim))  # noqa: E731
     k_keep, v_keep = take(keys, kept), take(values, kept)
-    gone_score = (
-        scores.gather(1, gone) if scores is not None else torch.full(gone.shape, math.nan, device=keys.device)
-    )
-    target_pos = torch.full_like(gone, -1)
-    sim_out = torch.full(gone.shape, math.nan, device=keys.device)
-    merged_count = 0
+    target_pos = sim = on = None
     if merge is not None and gone.shape[1]:
         k_gone, v_gone = take(keys, gone), take(values, gone)
         sim, target = ops.nearest_kept(k_gone, k_keep)
@@ -243,13 +237,12 @@ def compress_layer(
         w_self, w_in = ops.merge_weights(sim, target, on, budget, merge.variant)
         k_keep = ops.apply_merge(k_keep, k_gone, target, w_self, w_in)
         v_keep = ops.apply_merge(v_keep, v_gone, target, w_self, w_in)
-        target_pos = torch.where(on, kept.gather(1, target), -1)
-        sim_out = torch.where(on, sim, math.nan)
-        merged_count = on.sum()
+        target_pos = kept.gather(1, target)
     layer.load(k_keep, v_keep, kept, scores.gather(1, kept) if scores is not None else None, length)
     heads = torch.arange(n_kv, device=keys.device)[:, None].expand_as(gone)
-    log.record(0, index, heads, gone, target_pos, sim_out, gone_score)
-    log.record_step(0, index, budget, budget, gone.numel(), merged_count)
+    gone_score = scores.gather(1, gone) if scores is not None else None
+    log.record(0, index, heads, gone, gone_score, target_pos, sim, on)
+    log.record_step(0, index, budget, budget, gone.numel(), 0 if on is None else on)
     return layer
 
 

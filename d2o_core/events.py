@@ -89,25 +89,30 @@ class _Chunk:
     layer: int
     heads: torch.Tensor  # [N] long
     positions: torch.Tensor  # [N] long
-    targets: torch.Tensor  # [N] long, -1 where not merged
-    similarity: torch.Tensor  # [N] float, NaN where not merged
-    scores: torch.Tensor  # [N] float
+    scores: torch.Tensor | None  # [N] float; None: the policy keeps no scores
+    targets: torch.Tensor | None  # [N] long target positions; None: nothing could merge
+    similarity: torch.Tensor | None  # [N] float
+    merged: torch.Tensor | None  # [N] bool: merged (True) or dropped
 
 
 @dataclass
 class EventLog:
-    """Per-request record of evictions, merges and cache sizes, filled by the cache layers."""
+    """Per-request record of evictions, merges and cache sizes, filled by the cache layers.
+
+    Recording keeps raw tensors (no per-step host syncs or bookkeeping ops on the hot path);
+    the frames are built once, at the end.
+    """
 
     enabled: bool = True
     chunks: list[_Chunk] = field(default_factory=list)
     step_rows: list[tuple] = field(default_factory=list)
 
-    def record(self, step, layer, heads, positions, targets, similarity, scores) -> None:
+    def record(self, step, layer, heads, positions, scores=None, targets=None, similarity=None, merged=None):
         if self.enabled and heads.numel():
-            self.chunks.append(_Chunk(step, layer, heads, positions, targets, similarity, scores))
+            self.chunks.append(_Chunk(step, layer, heads, positions, scores, targets, similarity, merged))
 
-    def record_step(self, step: int, layer: int, stored: int, budget: int, evicted, merged) -> None:
-        """`evicted` and `merged` may be 0-d tensors: they are read at the end, not now."""
+    def record_step(self, step: int, layer: int, stored: int, budget: int, evicted: int, merged) -> None:
+        """`merged` may be a count or a bool tensor of decisions (summed at the end, not now)."""
         if self.enabled:
             self.step_rows.append((step, layer, stored, budget, evicted, merged))
 
@@ -115,28 +120,38 @@ class EventLog:
         """All evictions and merges as one frame; `tokens[p]` is the text of position `p`."""
         if not self.chunks:
             return frame({}, EVENTS_SCHEMA)
-        cat = lambda name: torch.cat([getattr(c, name).reshape(-1).cpu() for c in self.chunks]).numpy()  # noqa: E731
         sizes = [c.heads.numel() for c in self.chunks]
-        targets = cat("targets").astype(np.int64)
-        positions = cat("positions").astype(np.int64)
+
+        def cat(name, fill, dtype):
+            parts = [
+                getattr(c, name).reshape(-1).cpu().numpy()
+                if getattr(c, name) is not None
+                else np.full(n, fill)
+                for c, n in zip(self.chunks, sizes)
+            ]
+            return np.concatenate(parts).astype(dtype)
+
+        merged = cat("merged", False, bool)
+        positions = cat("positions", 0, np.int64)
         token_arr = np.asarray(tokens, dtype=object)
         return frame(
             {
                 "step": np.repeat([c.step for c in self.chunks], sizes),
                 "layer": np.repeat([c.layer for c in self.chunks], sizes),
-                "head": cat("heads").astype(np.int64),
-                "kind": np.where(targets >= 0, "merge", "evict"),
+                "head": cat("heads", 0, np.int64),
+                "kind": np.where(merged, "merge", "evict"),
                 "position": positions,
                 "token": token_arr[positions] if len(token_arr) else np.full(len(positions), ""),
-                "target_position": targets,
-                "similarity": cat("similarity").astype(np.float64),
-                "score": cat("scores").astype(np.float64),
+                "target_position": np.where(merged, cat("targets", -1, np.int64), -1),
+                "similarity": np.where(merged, cat("similarity", np.nan, np.float64), np.nan),
+                "score": cat("scores", np.nan, np.float64),
             },
             EVENTS_SCHEMA,
         )
 
     def steps_frame(self) -> pd.DataFrame:
-        rows = [tuple(int(v) for v in row) for row in self.step_rows]
+        count = lambda v: int(v.sum()) if isinstance(v, torch.Tensor) else int(v)  # noqa: E731
+        rows = [tuple(count(v) for v in row) for row in self.step_rows]
         columns = dict(zip(STEPS_SCHEMA, zip(*rows))) if rows else {}
         return frame(columns, STEPS_SCHEMA)
 

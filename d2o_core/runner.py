@@ -121,7 +121,10 @@ def result_labels(policies: Sequence[Policy]) -> list[str]:
     if len(set(keys)) != len(keys):
         twice = sorted({label for label, key in zip(labels, keys) if keys.count(key) > 1})
         raise ValueError(f"Each policy may run once per comparison; duplicated: {twice}.")
-    return [f"{label}@{100 * p.budget:g}%" if labels.count(label) > 1 else label for label, p in zip(labels, policies)]
+    return [
+        f"{label}@{100 * p.budget:g}%" if labels.count(label) > 1 else label
+        for label, p in zip(labels, policies)
+    ]
 
 
 def _check(lm: LoadedModel, prompt, policies, max_new_tokens, temperature) -> None:
@@ -231,9 +234,7 @@ def iter_compare(
     if ref is not None:
         for run in runs[1:]:
             if run.fork is not None and run.fork_step + 1 < len(ref.tokens):
-                yield Update(
-                    "status", text=f"Measuring {run.label} against the full cache's tokens..."
-                )
+                yield Update("status", text=f"Measuring {run.label} against the full cache's tokens...")
                 _teacher_force(lm, run, ref)
     yield Update("done", results={r.label: _result(lm, ids, r, ref) for r in runs})
 

@@ -39,13 +39,14 @@ SWEEP_COLUMNS = (
 )  # fmt: skip
 FIDELITY_COLUMNS = ("policy", "budget", *FIDELITY, "text")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-# `make results`: sized to finish well under 20 minutes on a 2-core CPU with the bundled model.
-# kv answers restate the 8-hex key before the value: ~24 tokens with SmolLM2's tokenizer.
+# `make results`: 24 compare calls of 7 policies, then `make bench`'s settings; ~7-10 minutes in
+# all on a 2-core CPU with the bundled model (measured). kv answers restate the 8-hex key before
+# the value: ~24 tokens with SmolLM2's tokenizer.
 RESULTS_SWEEP = dict(
     tasks=("passkey", "kv"), lengths=(512, 1024), depths=(0.1, 0.5, 0.9), samples=2,
     budgets=(0.2, 0.4), policy_names=("full", "streaming", "h2o", "d2o"), max_new_tokens=24, seed=0,
 )  # fmt: skip
-RESULTS_BENCH = dict(prompt_tokens=(512, 1024, 2048), budget=0.2, new_tokens=16, repeats=2, load=True)
+RESULTS_BENCH = dict(prompt_tokens=(512, 1024, 2048), budget=0.2, new_tokens=32, repeats=3, load=True)
 Progress = Callable[[int, int, str], None]
 
 
@@ -59,9 +60,7 @@ def _grid(policy_names: Sequence[str], budgets: Sequence[float]) -> tuple[list, 
         raise ValueError(f"List each policy once; got {names}.")
     bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, int | float) or not 0 < b <= 1]
     if not budgets or bad:
-        raise ValueError(
-            f"Budgets are fractions of the prompt in (0, 1], e.g. 0.1,0.2,0.4; got {budgets or 'none'}."
-        )
+        raise ValueError(f"Budgets are fractions in (0, 1], e.g. 0.1,0.2,0.4; got {budgets or 'none'}.")
     if len(set(budgets)) != len(budgets):
         raise ValueError(f"List each budget once; got {budgets}.")
     pairs = [("full", 1.0)] + [(n, float(b)) for n in names if n != "full" for b in budgets]
@@ -111,15 +110,12 @@ def run_sweep(
     DataFrame with `SWEEP_COLUMNS`.
     """
     grid, keep_full = _grid(policy_names, budgets)
+    tasks, lengths = [tasks] if isinstance(tasks, str) else list(tasks), list(lengths)
     _check_tasks(tasks)
-    lengths = list(lengths)
     if lengths and max(lengths) > lm.max_prompt_tokens:
-        raise ValueError(
-            f"Length {max(lengths)} is over this model's limit of {lm.max_prompt_tokens} tokens."
-        )
-    suite = make_suite(
-        tasks, lengths, depths, samples, seed, lambda text: len(lm.tokenizer(text)["input_ids"])
-    )
+        raise ValueError(f"Length {max(lengths)} is over this model's limit of {lm.max_prompt_tokens}.")
+    count = lambda text: len(lm.tokenizer(text)["input_ids"])  # the user message, as tasks.py expects
+    suite = make_suite(tasks, lengths, depths, samples, seed, count)
     rows = []
     for i, sample in enumerate(suite):
         if progress:
@@ -157,10 +153,9 @@ def fidelity_sweep(
     grid, keep_full = _grid(policy_names, budgets)
 
     def on_update(update) -> None:
-        if progress and update.kind in ("status", "token"):
-            progress(
-                update.step, max_new_tokens, update.text if update.kind == "status" else f"step {update.step}"
-            )
+        if progress and update.kind != "done":
+            message = update.text if update.kind == "status" else f"{update.label} step {update.step}"
+            progress(update.step, max_new_tokens, message)
 
     rows = [
         (name, budget, *[res.metrics.get(k, math.nan) for k in FIDELITY], res.text)

@@ -84,7 +84,14 @@ def _spec(task: str, rng: random.Random, digits: int, hops: int | None) -> _Spec
     number = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
     if task == "passkey":
         needle = f"The pass key is {number}. Remember it. {number} is the pass key."
-        return _Spec(HEADERS[task], filler, [needle], " ", "What is the pass key? Answer with the number only.", (number,))
+        return _Spec(
+            HEADERS[task],
+            filler,
+            [needle],
+            " ",
+            "What is the pass key? Answer with the number only.",
+            (number,),
+        )
     if task == "kv":
         hexs = lambda: f"{rng.getrandbits(32):08x}"
         key, value = hexs(), hexs()

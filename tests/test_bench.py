@@ -25,7 +25,12 @@ def cli_tiny(monkeypatch, tiny):
 
 def run(n, full=(2.0, 50.0), h2o=(4.0, 40.0), d2o=(5.0, 46.0), compare=9.0, single=3.0) -> dict:
     """One length's measurements, (prefill s, decode ms/token) per policy."""
-    out = {"target_tokens": n, "compare_seconds": compare, "single_full_seconds": single}
+    out = {
+        "target_tokens": n,
+        "prompt_tokens": n - 2,
+        "compare_seconds": compare,
+        "single_full_seconds": single,
+    }
     for name, (prefill, decode) in (("full", full), ("h2o", h2o), ("d2o", d2o)):
         out[name] = {"prefill_seconds": prefill, "decode_ms_per_token": decode}
     return out | {"ratios": bench.ratios(out)}
@@ -50,11 +55,11 @@ def marks(doc: dict) -> list:
 def test_targets_are_marked_by_the_worst_length():
     runs = [run(512, compare=3.0), run(2048, d2o=(5.0, 47.0), compare=5.9)]  # d2o/h2o 1.15 then 1.175
     doc = {"runs": runs, "budget": 0.2, "load": {"cold_seconds": 20.0, "cached_seconds": 1.2}}
-    assert marks(doc) == [(False, 2048), (True, 2048), (True, 2048), (True, None)]
+    assert marks(doc) == [(False, 2046), (True, 2046), (True, 2046), (True, None)]  # actual prompt lengths
     assert bench.targets(doc)[0]["value"] == pytest.approx(47 / 40)
     runs = [run(512, compare=7.0), run(2048, d2o=(5.0, 50.0), compare=3.0)]  # d2o == full: not below
     doc = {"runs": runs, "budget": 0.2, "load": {"cached_seconds": 6.0}}
-    assert marks(doc) == [(False, 2048), (False, 2048), (False, 512), (False, None)]
+    assert marks(doc) == [(False, 2046), (False, 2046), (False, 510), (False, None)]
 
 
 def test_limits_are_inclusive_except_below_full():

