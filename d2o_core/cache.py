@@ -18,11 +18,13 @@ itself (see `ops.py`); all its state is per request.
 
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from . import ops
+from . import evict, ops
+from .capture import Ragged
 from .events import EventLog
 from .policies import LayerPlan, MergeRule, Policy
 
@@ -46,64 +48,69 @@ class PrefillCache(Cache):
 
 
 class PolicyLayer(CacheLayerMixin):
-    """One layer's compressed storage, scores and D2O threshold for one request."""
+    """One layer's window onto its cache's slot pool: slots `[offset, offset + capacity)`."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(
-        self,
-        index: int,
-        plan: LayerPlan,
-        merge: MergeRule | None,
-        capacity: int,
-        like: torch.Tensor,
-        with_scores: bool,
-    ):
-        super().__init__()
-        _, n_kv, _, dim = like.shape
-        device = like.device
-        self.index, self.plan, self.merge = index, plan, merge
-        # Keys and values share one buffer so a merge reads and writes both in one indexed op.
-        self.kv = like.new_empty(2, n_kv, capacity, dim)
-        self.keys, self.values = self.kv[0:1], self.kv[1:2]
-        self.positions = torch.zeros(n_kv, capacity, dtype=torch.long, device=device)
-        self.scores = torch.zeros(n_kv, capacity, dtype=torch.float32, device=device) if with_scores else None
-        # Key norms, kept current so D2O's cosine similarities cost one matmul per step.
-        self.norms = torch.ones(n_kv, capacity, dtype=torch.float32, device=device) if merge else None
-        self.heads = torch.arange(n_kv, device=device)
-        self.used = 0  # slots [0, used) hold entries whenever attention runs
-        self.hole: torch.Tensor | None = None  # [Hkv] slot per head freed by the last eviction
+    def __init__(self, cache: PolicyCache, index: int, offset: int, capacity: int, plan: LayerPlan):
+        # No super().__init__(): `keys`/`values` are views of the pool here, not attributes.
+        self.cache, self.index, self.offset, self.capacity, self.plan = cache, index, offset, capacity, plan
+        self.used = 0  # slots [offset, offset + used) hold entries whenever attention runs
+        self.hole_slots: torch.Tensor | None = None  # [Hkv] pool slots freed by the last eviction
         self.seen = 0
         self.peak = 0
-        self.tau: torch.Tensor | None = None
         self.is_initialized = True
-        self.dtype, self.device = like.dtype, device
+
+    # -- views (always of the current pool, which `PolicyCache.grow` may replace) ------------------
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.cache.kv[0:1, :, self.offset : self.offset + self.capacity]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache.kv[1:2, :, self.offset : self.offset + self.capacity]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.cache.positions[:, self.offset : self.offset + self.capacity]
+
+    @property
+    def hole(self) -> torch.Tensor | None:
+        """Per kv-head, the layer-relative slot freed by the last eviction (refilled by the next token)."""
+        return None if self.hole_slots is None else self.hole_slots - self.offset
+
+    @property
+    def stored(self) -> int:
+        return self.used - (self.hole_slots is not None)
 
     # -- transformers' layer interface ----------------------------------------------------------
-    def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
+    def lazy_initialization(self, key_states, value_states) -> None:  # the pool exists from the start
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store one new token (into the slot the last eviction freed) and return the entries to attend."""
         if key_states.shape[-2] != 1:
             raise ValueError("a compressed cache takes one new token per forward pass")
-        if self.hole is None:
-            self._grow(self.used + 1)
-            index = (slice(None), self.used)  # one new slot, the same for every head
+        cache = self.cache
+        if self.hole_slots is None:
+            if self.used == self.capacity:
+                cache.grow(self)
+            index = (slice(None), self.offset + self.used)  # one new slot, the same for every head
             self.used += 1
         else:
-            index, self.hole = (self.heads, self.hole), None  # each head refills the slot it freed
-        self.keys[0][index] = key_states[0, :, 0]
-        self.values[0][index] = value_states[0, :, 0]
-        self.positions[index] = self.seen
-        if self.scores is not None:
-            self.scores[index] = 0.0
-        if self.norms is not None:
-            self.norms[index] = _norm(key_states[0, :, 0])
+            index, self.hole_slots = (cache.heads, self.hole_slots), None  # each head refills its freed slot
+        cache.kv[0][index] = key_states[0, :, 0]
+        cache.kv[1][index] = value_states[0, :, 0]
+        cache.positions[index] = self.seen
+        if cache.scores is not None:
+            cache.scores[index] = 0.0
+        if cache.norms is not None:
+            cache.norms[index] = ops.norms(key_states[0, :, 0])
         self.seen += 1
         self.peak = max(self.peak, self.used)
-        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
+        end = self.offset + self.used
+        return cache.kv[0:1, :, self.offset : end], cache.kv[1:2, :, self.offset : end]
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -114,164 +121,124 @@ class PolicyLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    # -- policy ----------------------------------------------------------------------------------
-    @property
-    def stored(self) -> int:
-        return self.used - (self.hole is not None)
-
     def load(self, keys, values, positions, scores, seen: int) -> None:
-        """Fill the first slots with compressed prompt entries ([Hkv, S, D] / [Hkv, S])."""
-        n = keys.shape[1]
-        self.kv[0, :, :n], self.kv[1, :, :n] = keys, values
-        self.positions[:, :n] = positions
-        if self.scores is not None:
-            self.scores[:, :n] = scores
-        if self.norms is not None:
-            self.norms[:, :n] = _norm(keys)
+        """Fill the first slots with the compressed prompt ([Hkv, S, D] / [Hkv, S])."""
+        cache, n = self.cache, keys.shape[1]
+        window = slice(self.offset, self.offset + n)
+        cache.kv[0, :, window], cache.kv[1, :, window] = keys, values
+        cache.positions[:, window] = positions
+        if cache.scores is not None and scores is not None:
+            cache.scores[:, window] = scores
+        if cache.norms is not None:
+            cache.norms[:, window] = ops.norms(keys)
         self.used, self.seen, self.peak = n, seen, seen
-
-    def after_attention(self, query, key, scaling: float, step: int, log: EventLog) -> None:
-        """Add the new query's attention row to the scores, then evict one entry per head if over budget."""
-        if self.scores is not None:
-            self.scores[:, : self.used] += ops.attention_row(query, key, scaling)
-        budget = self.plan.budget
-        if budget is None or self.stored <= budget:
-            log.record_step(step, self.index, self.stored, self.seen if budget is None else budget, 0, 0)
-            return
-        heads, positions = self.heads, self.positions[:, : self.used]
-        ranking = self.scores[:, : self.used] if self.scores is not None else positions
-        victim = ops.pick_victim(ranking, positions, self.plan.n_sink, self.plan.n_recent, self.seen)
-        score = self.scores[heads, victim] if self.scores is not None else None
-        target = sim = merged = None
-        if self.merge is not None:
-            target, sim, merged = self._merge_one(victim)
-        log.record(step, self.index, heads, positions[heads, victim], score, target, sim, merged)
-        self.hole = victim
-        log.record_step(step, self.index, self.stored, budget, len(heads), 0 if merged is None else merged)
-
-    def _merge_one(self, victim: torch.Tensor):
-        """D2O at one step: fold each head's victim into its most similar kept entry when it passes tau.
-
-        Returns the targets' positions, the similarities and the merge decisions, all [Hkv].
-        """
-        rule, heads, used = self.merge, self.heads, self.used
-        kv = self.kv[:, :, :used]
-        gone = kv[:, heads, victim]  # [2, Hkv, D]
-        dots = torch.bmm(kv[0], gone[0][:, :, None])[..., 0].float()
-        cos = dots / (self.norms[:, :used] * self.norms[heads, victim][:, None])
-        cos[heads, victim] = float("-inf")
-        sim, target = cos.max(dim=-1)
-        self.tau = ops.update_threshold(self.tau, sim, rule.beta, rule.statistic)
-        merged = ops.merge_decision(sim, self.tau, rule.shared_by_heads)
-        w_self, w_in = ops.pair_weights(sim, merged, rule.variant)
-        new = kv[:, heads, target].float() * w_self[:, None] + gone.float() * w_in[:, None]
-        kv[:, heads, target] = new.to(kv.dtype)
-        self.norms[heads, target] = _norm(new[0])
-        return self.positions[heads, target], sim, merged
-
-    def _grow(self, need: int) -> None:
-        cap = self.kv.shape[2]
-        if need <= cap:
-            return
-        pad = max(need, 2 * cap) - cap
-        self.kv = F.pad(self.kv, (0, 0, 0, pad))
-        self.keys, self.values = self.kv[0:1], self.kv[1:2]
-        self.positions = F.pad(self.positions, (0, pad))
-        if self.scores is not None:
-            self.scores = F.pad(self.scores, (0, pad))
-        if self.norms is not None:
-            self.norms = F.pad(self.norms, (0, pad), value=1.0)
-
-    def clone(self) -> PolicyLayer:
-        """An independent copy (used to fork a teacher-forced run)."""
-        twin = object.__new__(PolicyLayer)
-        twin.__dict__.update(self.__dict__)
-        for name in ("kv", "positions", "scores", "norms", "hole", "tau"):
-            value = getattr(self, name)
-            setattr(twin, name, value.clone() if isinstance(value, torch.Tensor) else value)
-        twin.keys, twin.values = twin.kv[0:1], twin.kv[1:2]
-        return twin
-
-
-def _norm(keys: torch.Tensor) -> torch.Tensor:
-    """Euclidean norms over the last dim in float32, never 0 (they divide)."""
-    return torch.linalg.vector_norm(keys.float(), dim=-1).clamp_min_(1e-12)
-
-
-def compress_layer(
-    index: int,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    col_sums,
-    plan: LayerPlan,
-    merge: MergeRule | None,
-    with_scores: bool,
-    extra: int,
-    log: EventLog,
-) -> PolicyLayer:
-    """Step 0 for one layer: cut the prompt's entries down to `plan.budget` per kv-head.
-
-    keys, values : [1, Hkv, L, D] from the prefill; col_sums : [Hq, L] or None.
-    `extra`: room for the tokens still to come when the layer never evicts.
-    """
-    _, n_kv, length, dim = keys.shape
-    budget = plan.budget
-    capacity = length + extra if budget is None else max(budget, length) + 1
-    layer = PolicyLayer(index, plan, merge, capacity, keys, with_scores)
-    positions = torch.arange(length, device=keys.device).expand(n_kv, length)
-    scores = ops.group_heads(col_sums, n_kv) if with_scores else None
-    if budget is None or budget >= length:
-        layer.load(keys[0], values[0], positions, scores, length)
-        log.record_step(0, index, length, length if budget is None else budget, 0, 0)
-        return layer
-    ranking = scores if scores is not None else positions
-    kept, gone = ops.keep_sets(ranking, positions, budget, plan.n_sink, plan.n_recent, length)
-    take = lambda src, idx: src[0].gather(1, idx[..., None].expand(-1, -1, dim))  # noqa: E731
-    k_keep, v_keep = take(keys, kept), take(values, kept)
-    target_pos = sim = on = None
-    if merge is not None and gone.shape[1]:
-        k_gone, v_gone = take(keys, gone), take(values, gone)
-        sim, target = ops.nearest_kept(k_gone, k_keep)
-        layer.tau = ops.update_threshold(None, sim, merge.beta, merge.statistic)
-        on = ops.merge_decision(sim, layer.tau, merge.shared_by_heads)
-        w_self, w_in = ops.merge_weights(sim, target, on, budget, merge.variant)
-        k_keep = ops.apply_merge(k_keep, k_gone, target, w_self, w_in)
-        v_keep = ops.apply_merge(v_keep, v_gone, target, w_self, w_in)
-        target_pos = kept.gather(1, target)
-    layer.load(k_keep, v_keep, kept, scores.gather(1, kept) if scores is not None else None, length)
-    heads = torch.arange(n_kv, device=keys.device)[:, None].expand_as(gone)
-    gone_score = scores.gather(1, gone) if scores is not None else None
-    log.record(0, index, heads, gone, gone_score, target_pos, sim, on)
-    log.record_step(0, index, budget, budget, gone.numel(), 0 if on is None else on)
-    return layer
 
 
 class PolicyCache(Cache):
-    """A policy's per-request cache: one `PolicyLayer` per model layer, plus its event log."""
+    """A policy's per-request cache: one slot pool shared by its `PolicyLayer`s, plus its event log.
 
-    def __init__(self, layers: list[PolicyLayer], log: EventLog):
-        super().__init__(layers=layers)
-        self.log = log
-        self.step = 0
+    The pool holds `[2, Hkv, slots, D]` keys and values with per-slot positions, scores and key
+    norms. Capped layers come first, so the slots where evictions happen form one region that
+    `evict.evict_step` handles for all layers at once.
+    """
+
+    def __init__(
+        self,
+        plans: list[LayerPlan],
+        merge: MergeRule | None,
+        with_scores: bool,
+        like: torch.Tensor,
+        capacities: list[int],
+        log: EventLog,
+    ):
+        _, n_kv, _, dim = like.shape
+        device = like.device
+        order = [i for i, p in enumerate(plans) if p.budget is not None]
+        order += [i for i, p in enumerate(plans) if p.budget is None]
+        offsets, total = {}, 0
+        for i in order:
+            offsets[i], total = total, total + capacities[i]
+        super().__init__(
+            layers=[PolicyLayer(self, i, offsets[i], capacities[i], p) for i, p in enumerate(plans)]
+        )
+        self.merge, self.log, self.step = merge, log, 0
+        self.heads = torch.arange(n_kv, device=device)
+        self.kv = like.new_empty(2, n_kv, total, dim)
+        self.positions = torch.zeros(n_kv, total, dtype=torch.long, device=device)
+        self.scores = torch.zeros(n_kv, total, dtype=torch.float32, device=device) if with_scores else None
+        # Key norms, kept current so D2O's cosine similarities cost one multiply-sum per step.
+        self.norms = torch.ones(n_kv, total, dtype=torch.float32, device=device) if merge else None
+        self.capped = [self.layers[i] for i in order if plans[i].budget is not None]
+        self.tau = torch.full(
+            (len(self.capped),), float("nan"), device=device
+        )  # D2O thresholds, per capped layer
+        self._index_region()
+
+    def _index_region(self) -> None:
+        """Per-slot constants of the eviction region: owning layer (segment), sinks, recent window."""
+        device, caps = self.kv.device, [layer.capacity for layer in self.capped]
+        per_slot = lambda values: torch.tensor(values, device=device).repeat_interleave(  # noqa: E731
+            torch.tensor(caps, device=device, dtype=torch.long)
+        )
+        self.region = sum(caps)
+        self.segments = ops.Segments.of(caps, device)
+        self.segment = per_slot(list(range(len(caps)))) if caps else torch.zeros(0, dtype=torch.long)
+        self.slot_sinks = per_slot([layer.plan.n_sink for layer in self.capped]) if caps else self.segment
+        self.slot_recent = per_slot([layer.plan.n_recent for layer in self.capped]) if caps else self.segment
+        self.slot_index = torch.arange(self.kv.shape[2], device=device)
 
     @classmethod
     def from_prefill(cls, prefill: PrefillCache, policy: Policy, extra: int, log: EventLog) -> PolicyCache:
-        """Compress the shared prompt cache for `policy` (step 0)."""
+        """Compress the shared prompt cache for `policy` (step 0).
+
+        `extra`: room for the tokens still to come in layers that never evict.
+        """
         layers = prefill.layers
-        n_prompt = layers[0].keys.shape[2]
+        like = layers[0].keys
+        n_prompt = like.shape[2]
         col_sums = [layer.col_sums for layer in layers] if policy.needs_density else None
         plans = policy.plans(n_prompt, len(layers), col_sums)
-        merge = policy.merge_rule()
-        compressed = [
-            compress_layer(
-                i, layer.keys, layer.values, layer.col_sums, plan, merge, policy.needs_scores, extra, log
+        capacities = [n_prompt + extra if p.budget is None else max(p.budget, n_prompt) + 1 for p in plans]
+        cache = cls(plans, policy.merge_rule(), policy.needs_scores, like, capacities, log)
+        column = {layer.index: j for j, layer in enumerate(cache.capped)}
+        for src, layer in zip(layers, cache.layers):
+            tau = evict.compress_layer(
+                layer, src.keys, src.values, src.col_sums, policy.needs_scores, cache.merge, log
             )
-            for i, (layer, plan) in enumerate(zip(layers, plans))
-        ]
-        return cls(compressed, log)
+            if tau is not None:
+                cache.tau[column[layer.index]] = tau
+        return cache
 
     def observe(self, layer_idx: int, query, key, scaling: float) -> None:
-        self.layers[layer_idx].after_attention(query, key, scaling, self.step, self.log)
+        """At each layer's attention: add the new query's row to the scores; after the last, evict."""
+        layer = self.layers[layer_idx]
+        if self.scores is not None and layer.plan.budget is not None:
+            self.scores[:, layer.offset : layer.offset + layer.used] += ops.attention_row(query, key, scaling)
+        if layer_idx == len(self.layers) - 1:
+            evict.evict_step(self)
+
+    def grow(self, layer: PolicyLayer) -> None:
+        """Give `layer` twice the room, moving every layer's slots to a new pool (rare: only past `extra`)."""
+        old = {name: getattr(self, name) for name in ("kv", "positions", "scores", "norms")}
+        moves = [(ly, ly.offset) for ly in self.layers]
+        grow_by = layer.capacity
+        layer.capacity *= 2
+        for ly in self.layers:  # the grown layer is uncapped, so it sits after every capped one
+            if ly.offset > layer.offset:
+                ly.offset += grow_by
+        total = old["kv"].shape[2] + grow_by
+        self.kv = old["kv"].new_empty(2, old["kv"].shape[1], total, old["kv"].shape[3])
+        for name in ("positions", "scores", "norms"):
+            if old[name] is not None:
+                setattr(self, name, old[name].new_ones(old[name].shape[0], total))
+        for ly, start in moves:
+            n = ly.used
+            src, dst = slice(start, start + n), slice(ly.offset, ly.offset + n)
+            self.kv[:, :, dst] = old["kv"][:, :, src]
+            for name in ("positions", "scores", "norms"):
+                if old[name] is not None:
+                    getattr(self, name)[:, dst] = old[name][:, src]
+        self._index_region()
 
     @property
     def plans(self) -> list[LayerPlan]:
@@ -279,8 +246,7 @@ class PolicyCache(Cache):
 
     def entry_bytes(self) -> int:
         """Bytes of one entry (key + value) across the kv-heads of one layer."""
-        keys = self.layers[0].keys
-        return 2 * keys.shape[1] * keys.shape[3] * keys.element_size()
+        return 2 * self.kv.shape[1] * self.kv.shape[3] * self.kv.element_size()
 
     def stored_entries(self) -> int:
         return sum(layer.stored for layer in self.layers)
@@ -290,6 +256,57 @@ class PolicyCache(Cache):
 
     def clone(self) -> PolicyCache:
         """An independent copy that logs nothing (for teacher-forced measurements)."""
-        twin = PolicyCache([layer.clone() for layer in self.layers], EventLog(enabled=False))
-        twin.step = self.step
+        twin = copy.copy(self)
+        twin.log = EventLog(enabled=False)
+        for name in ("kv", "positions", "scores", "norms", "tau"):
+            value = getattr(self, name)
+            setattr(twin, name, value.clone() if value is not None else None)
+        twin.layers = []
+        for layer in self.layers:
+            copied = copy.copy(layer)
+            copied.cache = twin
+            twin.layers.append(copied)
+        twin.capped = [twin.layers[layer.index] for layer in self.capped]
         return twin
+
+
+class _BatchLayer(CacheLayerMixin):
+    """Layer `index` of several policy caches, one per batch row."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, index: int, caches: list[PolicyCache]):
+        super().__init__()
+        self.index, self.caches, self.is_initialized = index, caches, True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        pairs = [
+            cache.layers[self.index].update(key_states[b : b + 1], value_states[b : b + 1])
+            for b, cache in enumerate(self.caches)
+        ]
+        return Ragged([k for k, _ in pairs]), Ragged([v for _, v in pairs])
+
+    def get_seq_length(self) -> int:
+        return self.caches[0].layers[self.index].seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return max(c.layers[self.index].stored for c in self.caches) + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BatchCache(Cache):
+    """Several policy caches decoding as one batch: row `b` of the model's batch reads `caches[b]`."""
+
+    def __init__(self, caches: list[PolicyCache]):
+        super().__init__(layers=[_BatchLayer(i, caches) for i in range(len(caches[0].layers))])
+        self.caches = caches
+
+    def observe(self, layer_idx: int, query, key: Ragged, scaling: float) -> None:
+        for b, cache in enumerate(self.caches):
+            cache.observe(layer_idx, query[b : b + 1], key.rows[b], scaling)

@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
+import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -27,18 +29,33 @@ ATTENTION = "d2o_sdpa"
 _observer: ContextVar = ContextVar("d2o_observer", default=None)
 
 
+@dataclass
+class Ragged:
+    """Keys (or values) of a batch whose rows hold different numbers of entries: [1, Hkv, S_b, D] each.
+
+    Several policies decode as one batch: the model's matrix products run once for all rows,
+    attention runs per row over that row's own cache.
+    """
+
+    rows: list[torch.Tensor]
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA output, then `observer.observe(layer_idx, query, key, scaling)` when one is active.
 
-    query : [B, Hq, q, D]; key, value : [B, Hkv, S, D] (GQA not expanded).
+    query : [B, Hq, q, D]; key, value : [B, Hkv, S, D] (GQA not expanded), or `Ragged` rows.
     """
-    if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
-        # transformers' SDPA would drop the cached keys here (it assumes an empty cache).
-        raise ValueError(
-            "several new tokens over a non-empty cache are not supported; feed one token per step"
-        )
     scaling = module.scaling if scaling is None else scaling
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if isinstance(key, Ragged):
+        rows = zip(query.split(1), key.rows, value.rows)
+        out = torch.cat(
+            [sdpa_attention_forward(module, q, k, v, None, scaling=scaling, **kwargs)[0] for q, k, v in rows]
+        )
+    else:
+        if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+            # transformers' SDPA would drop the cached keys here (it assumes an empty cache).
+            raise ValueError("several new tokens over a non-empty cache are not supported; feed one per step")
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     observer = _observer.get()
     if observer is not None:
         observer.observe(module.layer_idx, query, key, scaling)

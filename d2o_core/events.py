@@ -86,7 +86,7 @@ class _Chunk:
     """One batch of evictions from one (step, layer): tensors stay on the model's device."""
 
     step: int
-    layer: int
+    layer: int | torch.Tensor  # one layer, or a layer id per entry (all layers evict together)
     heads: torch.Tensor  # [N] long
     positions: torch.Tensor  # [N] long
     scores: torch.Tensor | None  # [N] float; None: the policy keeps no scores
@@ -137,7 +137,7 @@ class EventLog:
         return frame(
             {
                 "step": np.repeat([c.step for c in self.chunks], sizes),
-                "layer": np.repeat([c.layer for c in self.chunks], sizes),
+                "layer": np.concatenate([_per_entry(c.layer, n) for c, n in zip(self.chunks, sizes)]),
                 "head": cat("heads", 0, np.int64),
                 "kind": np.where(merged, "merge", "evict"),
                 "position": positions,
@@ -154,6 +154,12 @@ class EventLog:
         rows = [tuple(count(v) for v in row) for row in self.step_rows]
         columns = dict(zip(STEPS_SCHEMA, zip(*rows))) if rows else {}
         return frame(columns, STEPS_SCHEMA)
+
+
+def _per_entry(layer, n: int) -> np.ndarray:
+    if isinstance(layer, torch.Tensor):
+        return layer.reshape(-1).cpu().numpy().astype(np.int64)
+    return np.full(n, layer, dtype=np.int64)
 
 
 def survival_frame(events: pd.DataFrame, prompt_tokens: list[str], n_slots: int, n_sink: int) -> pd.DataFrame:

@@ -12,6 +12,7 @@ What it is not: it holds no state and knows nothing of models, caches or request
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -149,48 +150,77 @@ def keep_sets(
     return slots[:, n_evict:], slots[:, :n_evict]
 
 
-def pick_victim(scores: torch.Tensor, positions: torch.Tensor, n_sink: int, n_recent: int, seen: int):
-    """The one slot per kv-head to evict: lowest score outside sinks and the recent window.
+def top_value(values: torch.Tensor):
+    """The largest value of `values`' dtype (+inf for floats), used to mask entries out of a minimum."""
+    return float("inf") if values.is_floating_point() else torch.iinfo(values.dtype).max
 
-    scores, positions : [Hkv, S] (integer scores work too: StreamingLLM ranks by position).
-    Returns [Hkv] slot indices.
+
+@dataclass(frozen=True)
+class Segments:
+    """Consecutive runs of columns (one run per layer), as a padded `[n, width]` index.
+
+    Reducing within each run then takes one gather and one ordinary reduction; measured
+    ~10x faster on CPU than `scatter_reduce` over the flat columns.
     """
-    protect = protected_mask(positions, n_sink, n_recent, seen)
-    top = float("inf") if scores.is_floating_point() else torch.iinfo(scores.dtype).max
-    return scores.masked_fill(protect, top).argmin(dim=-1)
+
+    index: torch.Tensor  # [n, width]: the column of each run's k-th element (0 at padding)
+    valid: torch.Tensor  # [n, width]: False at padding
+
+    @classmethod
+    def of(cls, lengths: list[int], device=None) -> Segments:
+        runs = torch.tensor(lengths, dtype=torch.long, device=device)
+        starts = torch.cumsum(runs, 0) - runs
+        k = torch.arange(max(lengths, default=0), device=device)
+        valid = k[None, :] < runs[:, None]
+        return cls(torch.where(valid, starts[:, None] + k[None, :], 0), valid)
 
 
-def nearest_kept(
-    evicted_keys: torch.Tensor, kept_keys: torch.Tensor, valid: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_argmin(values: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """Per row, the column of the smallest value within each run (lowest column on ties).
+
+    values : [H, T] (floats or integers). Returns [H, n] column indices.
+    """
+    padded = values[:, segments.index].masked_fill(~segments.valid, top_value(values))
+    return segments.index[torch.arange(padded.shape[1], device=values.device), padded.argmin(dim=-1)]
+
+
+def segment_argmax(values: torch.Tensor, segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and run, the largest value and its column (lowest column on ties): two [H, n] tensors."""
+    padded = values[:, segments.index].masked_fill(~segments.valid, float("-inf"))
+    best, k = padded.max(dim=-1)
+    return best, segments.index[torch.arange(padded.shape[1], device=values.device), k]
+
+
+def norms(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms over the last dim in float32, never 0 (they divide)."""
+    return torch.linalg.vector_norm(x.float(), dim=-1).clamp_min_(1e-12)
+
+
+def nearest_kept(evicted_keys: torch.Tensor, kept_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity of each evicted key to its most similar kept key of the same kv-head.
 
     Parameters
     ----------
     evicted_keys : [Hkv, E, D]
     kept_keys : [Hkv, K, D]
-    valid : optional [Hkv, K] bool; False slots are never chosen as targets.
 
     Returns
     -------
     sim : [Hkv, E] float32 (``s[h, i] = max_j U``), target : [Hkv, E] long (``argmax_j U``).
     """
-    u = torch.bmm(
-        F.normalize(evicted_keys.float(), dim=-1), F.normalize(kept_keys.float(), dim=-1).transpose(1, 2)
-    )
-    if valid is not None:
-        u = u.masked_fill(~valid[:, None, :], float("-inf"))
-    return u.max(dim=-1)
+    unit = lambda x: F.normalize(x.float(), dim=-1)  # noqa: E731
+    return torch.bmm(unit(evicted_keys), unit(kept_keys).transpose(1, 2)).max(dim=-1)
 
 
-def update_threshold(
-    tau: torch.Tensor | None, sim: torch.Tensor, beta: float, statistic: str
-) -> torch.Tensor:
-    """D2O's per-layer EMA threshold: ``mean(s)`` at the first compression, then ``beta*new+(1-beta)*tau``."""
-    if tau is None:
-        return sim.mean()
-    new = sim.max() if statistic == "max" else sim.mean()
-    return beta * new + (1.0 - beta) * tau
+def ema_thresholds(tau: torch.Tensor, sim: torch.Tensor, beta: float, statistic: str) -> torch.Tensor:
+    """D2O's per-layer thresholds after one decode step, for several layers at once.
+
+    tau : [n] current thresholds (NaN: the layer has not compressed yet); sim : [Hkv, n], one
+    evicted entry per head and layer. First compression: ``mean(s)``; then
+    ``beta * new + (1 - beta) * tau`` with ``new`` the max or mean of ``s`` over heads.
+    """
+    new = sim.amax(dim=0) if statistic == "max" else sim.mean(dim=0)
+    return torch.where(torch.isnan(tau), sim.mean(dim=0), torch.lerp(tau, new, beta))
 
 
 def merge_decision(sim: torch.Tensor, tau: torch.Tensor, shared_by_heads: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from . import metrics as M
-from .cache import PolicyCache, PrefillCache
+from .cache import BatchCache, PolicyCache, PrefillCache
 from .capture import observing
 from .events import LAYER_BUDGETS_SCHEMA, EventLog, frame, survival_frame
 from .models import LoadedModel
@@ -170,10 +170,32 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _decode(lm: LoadedModel, caches: list[PolicyCache], tokens: list[int], step: int) -> torch.Tensor:
+    """One decode step for several caches as one batch; returns [B, V] logits.
+
+    Each token goes in at the position after every token its cache has seen (not after the
+    entries it stores). The matrix products run once for all rows, attention per row.
+    """
+    for cache in caches:
+        cache.step = step
+    device = lm.device
+    input_ids = torch.tensor([[t] for t in tokens], device=device)
+    positions = torch.tensor([[c.get_seq_length()] for c in caches], device=device)
+    batch = BatchCache(caches)
+    with torch.no_grad(), observing(batch):
+        out = lm.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=batch,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return out.logits[:, -1]
+
+
 def _step(lm: LoadedModel, cache: PolicyCache, token: int, step: int) -> torch.Tensor:
-    """Feed one token at the position after every token seen (not after the entries stored)."""
-    cache.step = step
-    return _forward(lm, cache, [token], cache.get_seq_length())
+    """`_decode` for one cache: [V] logits."""
+    return _decode(lm, [cache], [token], step)[0]
 
 
 def iter_compare(
@@ -224,56 +246,54 @@ def iter_compare(
     for run in runs:
         yield Update("token", run.label, _text(lm, run.tokens), 0)
     for step in range(1, max_new_tokens):
-        active = [r for r in runs if not r.done]
-        if not active:
+        free = [r for r in runs if not r.done]
+        if not free:
             break
-        for run in active:
-            yield from _decode_one(lm, run, step, temperature, ref)
+        # Forked copies read the full cache's tokens; they run while the full cache does.
+        forced = [r for r in runs if r.fork is not None and not ref.done] if ref is not None else []
+        start = time.perf_counter()
+        logits = _decode(
+            lm,
+            [r.cache for r in free] + [r.fork for r in forced],
+            [r.tokens[-1] for r in free] + [ref.tokens[step - 1] for _ in forced],
+            step,
+        )
+        for run, row in zip(free, logits):  # the full cache first: the others compare with it
+            _advance(lm, run, row, step, temperature, ref)
+        for run, row in zip(forced, logits[len(free) :]):
+            run.drift.append(_fidelity(ref, row, step))
+        elapsed = time.perf_counter() - start
+        for run in free:
+            run.decode_seconds += elapsed  # the batch's wall time: the policies decode together
         if ref is not None:
             _track_agreement(runs, ref, step)
-    if ref is not None:
-        for run in runs[1:]:
-            if run.fork is not None and run.fork_step + 1 < len(ref.tokens):
-                yield Update("status", text=f"Measuring {run.label} against the full cache's tokens...")
-                _teacher_force(lm, run, ref)
+        for run in free:
+            yield Update("token", run.label, _text(lm, run.tokens), step)
     yield Update("done", results={r.label: _result(lm, ids, r, ref) for r in runs})
 
 
-def _decode_one(lm, run: _Run, step: int, temperature: float, ref: _Run | None) -> Iterator[Update]:
-    start = time.perf_counter()
-    logits = _step(lm, run.cache, run.tokens[-1], step)
-    token = _pick(logits, temperature, run.generator)
-    run.decode_seconds += time.perf_counter() - start
+def _advance(lm, run: _Run, logits: torch.Tensor, step: int, temperature: float, ref: _Run | None) -> None:
+    """Take the run's next token; while it has read what the full cache read, that step is also drift."""
+    run.tokens.append(_pick(logits, temperature, run.generator))
     run.decode_steps += 1
-    run.tokens.append(token)
+    run.done = run.tokens[-1] in lm.eos_ids
     if ref is not None and run.agreeing and step < len(ref.tokens):
-        # Same tokens fed as the full cache so far: this free step is also the teacher-forced one.
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         if run is ref:
-            ref.ref_logprobs.append(logprobs)
-        run.drift.append((step, *M.step_fidelity(ref.ref_logprobs[step], logprobs, ref.tokens[step])))
-    run.done = token in lm.eos_ids
-    yield Update("token", run.label, _text(lm, run.tokens), step)
+            ref.ref_logprobs.append(torch.log_softmax(logits.float(), dim=-1))
+        run.drift.append(_fidelity(ref, logits, step))
+
+
+def _fidelity(ref: _Run, logits: torch.Tensor, step: int) -> tuple:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return (step, *M.step_fidelity(ref.ref_logprobs[step], logprobs, ref.tokens[step]))
 
 
 def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
     """After `step`, fork every run whose latest token differs from the full cache's."""
     for run in runs[1:]:
-        if (
-            run.agreeing
-            and step < len(ref.tokens)
-            and (step >= len(run.tokens) or run.tokens[step] != ref.tokens[step])
-        ):
+        diverged = step >= len(run.tokens) or run.tokens[step] != ref.tokens[step]
+        if run.agreeing and step < len(ref.tokens) and diverged:
             run.agreeing, run.fork, run.fork_step = False, run.cache.clone(), step
-
-
-def _teacher_force(lm, run: _Run, ref: _Run) -> None:
-    """Continue the forked copy on the full cache's tokens, recording drift per step."""
-    for step in range(run.fork_step + 1, len(ref.tokens)):
-        logits = _step(lm, run.fork, ref.tokens[step - 1], step)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        run.drift.append((step, *M.step_fidelity(ref.ref_logprobs[step], logprobs, ref.tokens[step])))
-    run.fork = None
 
 
 def _text(lm: LoadedModel, tokens: list[int]) -> str:

@@ -49,7 +49,11 @@ def test_run_streams_each_policy_then_fills_every_output(finished):
     last = finished[-1]
     for key in ("budget_fig", "timeline_fig", "survival_fig", "cache_fig", "drift_fig"):
         assert isinstance(last[key], go.Figure) and last[key].data, key
-    assert isinstance(last["summary"], pd.DataFrame) and list(last["summary"]["policy"]) == ["full", "h2o", "d2o"]
+    assert isinstance(last["summary"], pd.DataFrame) and list(last["summary"]["policy"]) == [
+        "full",
+        "h2o",
+        "d2o",
+    ]
     assert "% of full" in last["stats:h2o"] and "agrees with full" in last["stats:d2o"]
     assert set(last["state"]["results"]) == {"full", "h2o", "d2o"}
     assert finished[0]["col:streaming"]["visible"] is False and finished[0]["col:d2o"]["visible"] is True
@@ -95,8 +99,14 @@ def test_unexpected_failures_are_reported_without_a_trace(monkeypatch):
 
 
 def test_controls_reach_the_policies():
-    c = H.Controls(h2o_sinks=2, d2o_variant="official", d2o_recent=0.5, d2o_beta=0.5, d2o_protected="0, 1, -1",
-                   d2o_merge=False)
+    c = H.Controls(
+        h2o_sinks=2,
+        d2o_variant="official",
+        d2o_recent=0.5,
+        d2o_beta=0.5,
+        d2o_protected="0, 1, -1",
+        d2o_merge=False,
+    )
     policies = {p.name: p for p in H.build_policies(["full", "h2o", "d2o"], 25, c)}
     assert policies["h2o"].n_sink == 2 and policies["h2o"].budget == 0.25
     assert policies["d2o"].variant == "official" and not policies["d2o"].merge
@@ -108,8 +118,15 @@ def test_controls_reach_the_policies():
 def test_downloads_hold_csv_json_and_standalone_figures(finished, tmp_path):
     paths = H.prepare_downloads(finished[-1]["state"], "d2o", 1, 0)["downloads"]
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
-    assert names == ["budget_heatmap.html", "cache_over_time.html", "drift.html", "events.csv", "run.json",
-                     "survival.html", "timeline.html"]
+    assert names == [
+        "budget_heatmap.html",
+        "cache_over_time.html",
+        "drift.html",
+        "events.csv",
+        "run.json",
+        "survival.html",
+        "timeline.html",
+    ]
     by_name = {p.rsplit("/", 1)[-1]: p for p in paths}
     doc = json.loads(open(by_name["run.json"]).read())
     assert set(doc["results"]) == {"full", "h2o", "d2o"} and doc["results"]["d2o"]["events"]

@@ -20,8 +20,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +43,13 @@ def server():
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "app.log", "w")
     env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240  # the first start converts the bundled model (~20 s)
     while time.time() < deadline:
@@ -63,8 +73,13 @@ def test_compare_endpoint_answers_gradio_client(server):
     from gradio_client import Client
 
     client = Client(server, verbose=False)
-    out = client.predict(prompt="What is the capital of France?", policies=["full", "h2o", "d2o"], budget=0.5,
-                         max_new_tokens=8, api_name="/compare")
+    out = client.predict(
+        prompt="What is the capital of France?",
+        policies=["full", "h2o", "d2o"],
+        budget=0.5,
+        max_new_tokens=8,
+        api_name="/compare",
+    )
     assert set(out["results"]) == {"full", "h2o", "d2o"}
     assert "Paris" in out["results"]["full"]["text"]
     metrics = out["results"]["d2o"]["metrics"]
@@ -98,7 +113,9 @@ def test_browser_example_run_streams_columns_and_draws_figures(server):
         start = time.time()
         page.click("#run")
         # Columns fill while generating, before the figures exist.
-        page.wait_for_function("() => document.querySelector('#text-d2o textarea').value.length > 0", timeout=120_000)
+        page.wait_for_function(
+            "() => document.querySelector('#text-d2o textarea').value.length > 0", timeout=120_000
+        )
         page.wait_for_function(
             "() => ['budget-fig', 'timeline-fig', 'survival-fig', 'cache-fig', 'drift-fig']"
             ".every(id => document.querySelector('#' + id + ' .js-plotly-plot'))",
@@ -112,7 +129,8 @@ def test_browser_example_run_streams_columns_and_draws_figures(server):
         page.fill("#layer input[type=number]", "3")
         page.keyboard.press("Enter")
         page.wait_for_function(
-            "() => document.querySelector('#timeline-fig .gtitle')?.textContent.includes('layer 3')", timeout=30_000
+            "() => document.querySelector('#timeline-fig .gtitle')?.textContent.includes('layer 3')",
+            timeout=30_000,
         )
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
         print(f"first complete result in {elapsed:.1f} s")

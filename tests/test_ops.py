@@ -82,28 +82,41 @@ def test_keep_sets_keep_sinks_recent_and_top_scores_per_head():
     assert gone.tolist() == [[1, 2, 3, 5, 6], [2, 4, 5, 6, 7]]
 
 
-def test_pick_victim_never_takes_sinks_or_recent():
-    positions = torch.tensor([[0, 1, 2, 3, 4]])
-    scores = torch.tensor([[0.0, 0.5, 0.1, 0.0, 0.0]])
-    assert ops.pick_victim(scores, positions, n_sink=1, n_recent=2, seen=5).tolist() == [2]
+def test_segment_argmin_and_argmax_work_within_each_segment():
+    values = torch.tensor([[5.0, 1.0, 3.0, 2.0, 2.0, 9.0], [0.0, 4.0, 7.0, 7.0, 6.0, 1.0]])
+    runs = ops.Segments.of([3, 2, 1])
+    assert ops.segment_argmin(values, runs).tolist() == [[1, 3, 5], [0, 4, 5]]  # ties: lowest index
+    best, index = ops.segment_argmax(values, runs)
+    assert index.tolist() == [[0, 3, 5], [2, 3, 5]] and best.tolist() == [[5, 2, 9], [7, 7, 1]]
+    positions = torch.tensor([[4, 2, 9]])  # integer values work too (StreamingLLM ranks by position)
+    assert ops.segment_argmin(positions, ops.Segments.of([2, 1])).tolist() == [[1, 2]]
 
 
-def test_nearest_kept_is_cosine_argmax_and_respects_valid():
+def test_segment_argmin_matches_argmin_per_segment_on_random_input():
+    torch.manual_seed(3)
+    lengths = [7, 1, 12, 4]
+    values = torch.randn(3, sum(lengths))
+    got = ops.segment_argmin(values, ops.Segments.of(lengths))
+    starts = [0, 7, 8, 20]
+    expected = [[s + int(values[h, s : s + n].argmin()) for s, n in zip(starts, lengths)] for h in range(3)]
+    assert got.tolist() == expected
+
+
+def test_nearest_kept_is_cosine_argmax():
     kept = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
-    evicted = torch.tensor([[[2.0, 0.1], [0.0, 3.0]]])
+    evicted = torch.tensor([[[2.0, 0.1], [0.0, 3.0], [1.0, 1.2]]])
     sim, target = ops.nearest_kept(evicted, kept)
-    assert target.tolist() == [[0, 1]]
+    assert target.tolist() == [[0, 1, 2]]
     assert sim[0, 0] == pytest.approx(2 / math.hypot(2, 0.1))
-    sim, target = ops.nearest_kept(evicted, kept, valid=torch.tensor([[False, True, True]]))
-    assert target.tolist() == [[2, 1]]
 
 
-def test_threshold_starts_at_mean_then_follows_the_ema():
-    s = torch.tensor([[0.2, 0.6], [0.4, 0.8]])
-    tau = ops.update_threshold(None, s, 0.7, "max")
-    assert float(tau) == pytest.approx(0.5)
-    assert float(ops.update_threshold(tau, s, 0.7, "max")) == pytest.approx(0.7 * 0.8 + 0.3 * 0.5)
-    assert float(ops.update_threshold(tau, s, 0.5, "mean")) == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
+def test_thresholds_start_at_the_mean_then_follow_the_ema_per_layer():
+    sim = torch.tensor([[0.2, 0.6], [0.4, 0.8]])  # [heads, layers]
+    first = ops.ema_thresholds(torch.full((2,), float("nan")), sim, 0.7, "max")
+    assert first.tolist() == pytest.approx([0.3, 0.7])
+    tau = torch.tensor([0.5, float("nan")])
+    assert ops.ema_thresholds(tau, sim, 0.7, "max").tolist() == pytest.approx([0.7 * 0.4 + 0.3 * 0.5, 0.7])
+    assert ops.ema_thresholds(tau, sim, 0.5, "mean").tolist() == pytest.approx([0.5 * 0.3 + 0.5 * 0.5, 0.7])
 
 
 def test_merge_decision_per_head_or_shared():
@@ -131,6 +144,19 @@ def test_official_merge_weights_follow_the_code_formula():
     w_self, w_in = ops.merge_weights(sim, torch.tensor([[0, 0]]), torch.tensor([[True, True]]), 2, "official")
     assert w_self.tolist()[0] == pytest.approx([1 / 3, 1.0])
     assert w_in.tolist()[0] == pytest.approx([0.9 / 3, 0.5 / 3])
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_pair_weights_are_merge_weights_for_one_entry_per_target(variant):
+    sim = torch.tensor([0.9, 0.2, 0.6])
+    merged = torch.tensor([True, False, True])
+    w_self, w_in = ops.pair_weights(sim, merged, variant)
+    full_self, full_in = ops.merge_weights(
+        sim[:, None], torch.zeros(3, 1, dtype=torch.long), merged[:, None], 1, variant
+    )
+    torch.testing.assert_close(w_self, full_self[:, 0])
+    torch.testing.assert_close(w_in, full_in[:, 0])
+    assert (w_self[1], w_in[1]) == (1.0, 0.0)  # not merged: the target stays exactly as it was
 
 
 def test_apply_merge_folds_into_targets_and_leaves_others_bit_for_bit():

@@ -100,7 +100,7 @@ def reference_trace(lm, ids, plans, use_scores, feed):
     lm.model.set_attn_implementation("masked_reference")
     try:
         cache, logits, kept = DynamicCache(), [], []
-        for step, chunk in enumerate([ids] + [[t] for t in feed]):
+        for chunk in [ids] + [[t] for t in feed]:
             start = cache.get_seq_length()
             with torch.no_grad():
                 out = lm.model(
@@ -126,7 +126,9 @@ def test_engine_keeps_what_a_masked_full_cache_reference_keeps(tiny, name, kw, b
     feed = [ord(c) for c in TEXT[48:72]]
     policy = POLICIES[name](budget=budget, **kw)
     logits, kept = engine_trace(tiny, ids, policy, feed)
-    plans = [layer.plan for layer in PolicyCache.from_prefill(_prefill(tiny, ids), policy, 1, EventLog()).layers]
+    plans = [
+        layer.plan for layer in PolicyCache.from_prefill(_prefill(tiny, ids), policy, 1, EventLog()).layers
+    ]
     ref_logits, ref_kept = reference_trace(tiny, ids, plans, policy.needs_scores, feed)
     assert kept == ref_kept
     for a, b in zip(logits, ref_logits):

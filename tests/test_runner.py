@@ -59,8 +59,17 @@ def test_result_fields_and_metrics(results, tiny):
         assert len(res.prompt_tokens) == n_prompt == res.metrics["prompt_tokens"]
         assert list(res.steps["step"].unique()) == list(range(16))  # prefill compression + 15 decode steps
         assert len(res.layer_budgets) == tiny.n_layers
-        for key in ("kv_bytes_peak", "kv_bytes_final", "kv_bytes_full", "kv_fraction", "prefill_seconds",
-                    "decode_seconds", "tokens_per_second", "token_agreement", "mean_kl_to_full"):
+        for key in (
+            "kv_bytes_peak",
+            "kv_bytes_final",
+            "kv_bytes_full",
+            "kv_fraction",
+            "prefill_seconds",
+            "decode_seconds",
+            "tokens_per_second",
+            "token_agreement",
+            "mean_kl_to_full",
+        ):
             assert key in res.metrics
     entry = 2 * tiny.n_kv_heads * tiny.head_dim * 4
     seen = n_prompt + 15
@@ -104,12 +113,18 @@ def test_a_run_does_not_leak_into_the_next(tiny):
     assert again.token_ids == first.token_ids and again.events.equals(first.events)
 
 
-def test_compare_shares_one_prefill_yet_equals_separate_runs(tiny):
+def test_compare_shares_one_prefill_and_decodes_as_one_batch_yet_matches_separate_runs(tiny):
     together = d2o_core.compare(tiny, TEXT, policies(0.3), max_new_tokens=8, chat=False)
     for policy in policies(0.3):
         alone = d2o_core.generate(tiny, TEXT, policy, max_new_tokens=8, chat=False, fidelity=False)
-        assert together[policy.label].token_ids == alone.token_ids
-        assert together[policy.label].events.equals(alone.events)
+        a, b = together[policy.label], alone
+        assert a.token_ids == b.token_ids
+        # Batched matrix products may round differently from single-row ones (last bits only):
+        # the same entries leave at the same steps, with the same scores up to that rounding.
+        assert a.events.drop(columns=["score", "similarity"]).equals(
+            b.events.drop(columns=["score", "similarity"])
+        )
+        assert a.events["score"].tolist() == pytest.approx(b.events["score"].tolist(), rel=1e-4, nan_ok=True)
 
 
 def brute_force_drift(lm, ids, policy, ref_tokens):
@@ -160,9 +175,11 @@ def test_kl_of_identical_distributions_is_zero_and_positive_otherwise():
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny):
-    run = lambda seed: d2o_core.generate(  # noqa: E731
-        tiny, TEXT, POLICIES["d2o"](budget=0.3), max_new_tokens=12, chat=False, temperature=1.0, seed=seed
-    ).token_ids
+    run = lambda seed: (
+        d2o_core.generate(  # noqa: E731
+            tiny, TEXT, POLICIES["d2o"](budget=0.3), max_new_tokens=12, chat=False, temperature=1.0, seed=seed
+        ).token_ids
+    )
     assert run(3) == run(3)
     assert run(3) != run(4)
 
@@ -185,7 +202,10 @@ def test_closing_the_stream_stops_cleanly(tiny):
             break
     stream.close()
     # The model is still usable afterwards.
-    assert d2o_core.generate(tiny, TEXT, POLICIES["h2o"](), max_new_tokens=3, chat=False).metrics["new_tokens"] == 3
+    assert (
+        d2o_core.generate(tiny, TEXT, POLICIES["h2o"](), max_new_tokens=3, chat=False).metrics["new_tokens"]
+        == 3
+    )
 
 
 def test_generation_stops_at_eos():

@@ -1,0 +1,121 @@
+"""The bundled SmolLM2-135M-Instruct, end to end through the library and the command line."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import d2o_core
+from d2o_core import POLICIES
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def story():
+    examples = json.loads((ROOT / "assets" / "examples.json").read_text())
+    return next(e["prompt"] for e in examples if "story" in e["name"].lower())
+
+
+@pytest.fixture(scope="module")
+def at_fifth(bundled, story):
+    policies = [POLICIES[k](budget=0.2) for k in ("full", "streaming", "h2o", "d2o")]
+    return d2o_core.compare(bundled, story, policies, max_new_tokens=32)
+
+
+def fluent(text: str) -> bool:
+    """Readable English-like text: long enough, mostly letters and spaces, not one word repeated."""
+    words = re.findall(r"[A-Za-z']+", text)
+    letters = sum(c.isalpha() or c.isspace() for c in text) / max(len(text), 1)
+    return len(words) >= 8 and letters > 0.8 and len(set(w.lower() for w in words)) / len(words) > 0.4
+
+
+def test_prompt_is_long_context(at_fifth):
+    assert at_fifth["full"].metrics["prompt_tokens"] >= 600
+
+
+@pytest.mark.parametrize("label", ["h2o", "d2o"])
+def test_compressed_policies_at_a_fifth_still_write_fluent_text(at_fifth, label):
+    res = at_fifth[label]
+    assert fluent(res.text), res.text
+    assert 0.18 <= res.metrics["kv_fraction"] <= 0.25
+
+
+def test_d2o_budgets_differ_between_layers_and_keep_the_total(at_fifth):
+    budgets = at_fifth["d2o"].layer_budgets
+    n_prompt = at_fifth["d2o"].metrics["prompt_tokens"]
+    assert budgets["budget_tokens"].nunique() > 3
+    assert budgets["budget_tokens"].sum() == 30 * round(0.2 * n_prompt)
+    assert budgets["density"].notna().all()
+
+
+def test_every_policy_at_full_budget_reproduces_the_full_cache(bundled, story):
+    policies = [POLICIES[k](budget=1.0) for k in ("full", "streaming", "h2o", "d2o")]
+    policies.append(POLICIES["d2o"](budget=1.0, variant="official"))
+    res = d2o_core.compare(bundled, story, policies, max_new_tokens=24)
+    for label, r in res.items():
+        assert r.token_ids == res["full"].token_ids, label
+        assert r.events.empty and r.metrics["kv_fraction"] == 1.0
+
+
+def test_full_cache_equals_transformers_generate(bundled):
+    prompt = "Explain in two sentences why the sky is blue."
+    res = d2o_core.generate(bundled, prompt, POLICIES["full"](), max_new_tokens=20)
+    ids = d2o_core.runner.encode(bundled, prompt, chat=True)
+    out = bundled.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
+    assert res.token_ids == out[0, len(ids) :].tolist()[: len(res.token_ids)]
+
+
+def test_the_bundled_model_loads_from_the_conversion_cache(bundled):
+    again = d2o_core.load_model()
+    assert again.source == "bundled (cached conversion)"
+    assert (again.n_layers, again.n_kv_heads, again.config.num_attention_heads) == (30, 3, 9)
+
+
+def test_cli_compare_prints_texts_memory_and_writes_json(tmp_path, story):
+    prompt = tmp_path / "story.txt"
+    prompt.write_text(story)
+    out = tmp_path / "out.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "d2o_core",
+        "compare",
+        "--prompt-file",
+        str(prompt),
+        "--policies",
+        "full,h2o,d2o",
+        "--budget",
+        "0.2",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for header in ("=== full ===", "=== h2o ===", "=== d2o ==="):
+        assert header in done.stdout
+    assert "KV MB (final)" in done.stdout and "d2o per-layer budgets (tokens):" in done.stdout
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"full", "h2o", "d2o"}
+    d2o = doc["results"]["d2o"]
+    assert d2o["events"] and d2o["steps"] and len(d2o["layer_budgets"]) == 30 and d2o["text"]
+
+
+def test_cli_explains_bad_input_without_a_trace(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "d2o_core", "compare", "--prompt", "hi", "--budget", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "budget must be" in done.stderr and "Traceback" not in done.stderr
