@@ -291,8 +291,9 @@ def _fidelity(ref: _Run, logits: torch.Tensor, step: int) -> tuple:
 def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
     """After `step`, fork every run whose latest token differs from the full cache's."""
     for run in runs[1:]:
-        diverged = step >= len(run.tokens) or run.tokens[step] != ref.tokens[step]
-        if run.agreeing and step < len(ref.tokens) and diverged:
+        if not run.agreeing or step >= len(ref.tokens):
+            continue
+        if step >= len(run.tokens) or run.tokens[step] != ref.tokens[step]:
             run.agreeing, run.fork, run.fork_step = False, run.cache.clone(), step
 
 

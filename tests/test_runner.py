@@ -208,6 +208,19 @@ def test_closing_the_stream_stops_cleanly(tiny):
     )
 
 
+def test_policies_keep_generating_after_the_full_cache_stops():
+    """Regression: a policy still running after the reference hit EOS crashed the agreement tracking."""
+    lm = tiny_model(seed=1)
+    probe = d2o_core.generate(lm, TEXT, POLICIES["full"](), max_new_tokens=12, chat=False)
+    lm.eos_ids = {probe.token_ids[4]}
+    res = d2o_core.compare(
+        lm, TEXT, [POLICIES["full"](), POLICIES["streaming"](budget=0.1)], max_new_tokens=12, chat=False
+    )
+    full, other = res["full"], res["streaming"]
+    assert len(full.token_ids) < len(other.token_ids)  # the situation under test
+    assert other.drift["step"].max() <= len(full.token_ids) - 1
+
+
 def test_generation_stops_at_eos():
     lm = tiny_model(seed=1)
     probe = d2o_core.generate(lm, TEXT, POLICIES["full"](), max_new_tokens=6, chat=False)

@@ -151,11 +151,19 @@ def budget_heatmap(layer_budgets: pd.DataFrame) -> go.Figure:
     template = "{policy}<br>layer {layer}<br>{budget_tokens} tokens ({budget_fraction:.1%} of prompt)"
     df["hover"] = _hover(template + "{protected}", df)
     policies, layers, z, hover = _grid(df, "policy", "layer", "budget_fraction")
+    _, _, tokens, _ = _grid(df, "policy", "layer", "budget_tokens")
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.72, 0.28])
     fig.update_xaxes(domain=[0, 0.62], col=1).update_xaxes(domain=[0.75, 1], col=2)
     bar = dict(x=fig.layout.xaxis.domain[1] + 0.01, xanchor="left", tickformat=".0%")
-    style = dict(zmin=0, zmax=1, colorscale="Viridis", xgap=1, ygap=1, colorbar=bar)
-    fig.add_trace(_heatmap(z, hover, "share of prompt kept", x=policies, y=layers, **style), 1, 1)
+    # Scale the colours to the compressed layers, so D2O's per-layer differences show; layers that
+    # keep everything (the full cache, protected layers) sit at the top of the scale.
+    compressed = z[np.isfinite(z) & (z < 1)]
+    top = float(compressed.max()) if compressed.size else 1.0
+    low = float(compressed.min()) if compressed.size else 0.0
+    style = dict(zmin=min(low, top * 0.5), zmax=top, colorscale="Viridis", xgap=1, ygap=1, colorbar=bar)
+    text = np.where(np.isfinite(tokens), np.nan_to_num(tokens).astype(int).astype(str), "")
+    cells = dict(text=text, texttemplate="%{text}", textfont=dict(size=9))
+    fig.add_trace(_heatmap(z, hover, "share of prompt kept", x=policies, y=layers, **style, **cells), 1, 1)
     dense = df[df["density"].notna()]
     colours = policy_colours(policies)
     for policy, rows in dense.groupby("policy", sort=False):
@@ -250,7 +258,8 @@ def timeline(events: pd.DataFrame, layer: int, head: int, n_prompt: int, policy:
     merges = sel[sel["kind"] == "merge"]
     # One None-separated trace for all links: a trace per merge would not scale to thousands.
     link_x, link_y = np.full((2, 3 * len(merges)), None, dtype=object)
-    link_x[0::3] = link_x[1::3] = merges["step"].to_numpy()
+    # Slanted a little to the right, so links of one step do not hide each other on a vertical line.
+    link_x[0::3], link_x[1::3] = merges["step"].to_numpy(), merges["step"].to_numpy() + 0.35
     link_y[0::3], link_y[1::3] = merges["position"].to_numpy(), merges["target_position"].to_numpy()
     line = dict(color=_MERGE, width=1)
     fig.add_trace(go.Scattergl(x=link_x, y=link_y, mode="lines", name="merged into", line=line, opacity=0.4))

@@ -136,8 +136,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 with gr.Column(scale=3):
                     prompt = gr.Textbox(
                         label="Prompt",
-                        lines=9,
-                        max_lines=20,
+                        lines=6,
+                        max_lines=10,
                         elem_id="prompt",
                         placeholder="Type a prompt, or pick an example below",
                     )
