@@ -166,7 +166,8 @@ def _finished(lm, results: dict, column: dict) -> dict:
     out = {f"stats:{column[label]}": report.stats_line(res.metrics) for label, res in results.items()}
     out |= {f"text:{column[label]}": res.text for label, res in results.items()}
     out |= {
-        "status": f"Done: {state['n_prompt']} prompt tokens, {len(labels)} policies, model {lm.name}.",
+        "status": f"Done: {state['n_prompt']} prompt tokens read once, then {len(labels)} policies decoded "
+        f"together as one batch (model {lm.name}).",
         "state": state,
         "summary": report.summary(results).round(3),
         "budget_fig": figures.budget_heatmap(report.combined(results, "layer_budgets")),

@@ -99,11 +99,11 @@ def _columns() -> dict[str, gr.components.Component]:
     with gr.Row(equal_height=True):
         for name in H.NAMES:
             with gr.Column(
-                visible=name in H.DEFAULT_CHOSEN, elem_classes=["policy-col", f"policy-{name}"]
+                visible=name in H.DEFAULT_CHOSEN, min_width=220, elem_classes=["policy-col", f"policy-{name}"]
             ) as col:
                 gr.Markdown(f"### {POLICIES[name].title}")
                 out[f"text:{name}"] = gr.Textbox(
-                    lines=10, max_lines=18, show_label=False, interactive=False, elem_id=f"text-{name}"
+                    lines=6, max_lines=16, show_label=False, interactive=False, elem_id=f"text-{name}"
                 )
                 out[f"stats:{name}"] = gr.Markdown(elem_id=f"stats-{name}", elem_classes=["stats"])
             out[f"col:{name}"] = col
