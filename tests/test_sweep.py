@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import TEXT
 
-from d2o_core import models, runner, sweep, tasks
+from d2o_core import models, results, runner, sweep, tasks
 from d2o_core.__main__ import main
 from d2o_core.policies import build
 
@@ -177,17 +177,19 @@ def test_cli_sweep_rejects_bad_input_before_loading(monkeypatch, capsys, bad):
 
 
 def test_replace_block_replaces_only_between_the_markers():
-    text = f"# T\n\nintro\n{sweep.START}\nold 1\nold 2\n{sweep.END}\nrest\n"
-    assert sweep.replace_block(text, "new\n") == f"# T\n\nintro\n{sweep.START}\nnew\n{sweep.END}\nrest\n"
-    assert sweep.replace_block(text.replace(sweep.END, ""), "new") is None
-    assert sweep.replace_block(f"{sweep.END}\n{sweep.START}\n", "new") is None
-    assert sweep.replace_block(text + sweep.START + "\n", "new") is None
+    text = f"# T\n\nintro\n{results.START}\nold 1\nold 2\n{results.END}\nrest\n"
+    assert (
+        results.replace_block(text, "new\n") == f"# T\n\nintro\n{results.START}\nnew\n{results.END}\nrest\n"
+    )
+    assert results.replace_block(text.replace(results.END, ""), "new") is None
+    assert results.replace_block(f"{results.END}\n{results.START}\n", "new") is None
+    assert results.replace_block(text + results.START + "\n", "new") is None
 
 
 def test_markdown_formats_numbers_and_missing_values():
     df = pd.DataFrame({"policy": ["h2o"], "n": [512], "x": [0.123456], "big": [2048.4], "kl": [math.nan]})
     assert (
-        sweep.markdown(df)
+        results.markdown(df)
         == "| policy | n | x | big | kl |\n| --- | --- | --- | --- | --- |\n| h2o | 512 | 0.123 | 2048 | – |"
     )
 
@@ -195,15 +197,15 @@ def test_markdown_formats_numbers_and_missing_values():
 @pytest.fixture
 def small_results(cli_tiny, monkeypatch):
     config = dict(SMALL, tasks=("kv",), samples=1, budgets=(0.5,), policy_names=("full", "h2o"))
-    monkeypatch.setattr(sweep, "RESULTS_SWEEP", config | dict(max_new_tokens=3, seed=0))
+    monkeypatch.setattr(results, "RESULTS_SWEEP", config | dict(max_new_tokens=3, seed=0))
     bench = dict(
         prompt_tokens=(LENGTH,), budget=0.5, new_tokens=2, repeats=1, load=False, policy_names=("full", "h2o")
     )
-    monkeypatch.setattr(sweep, "RESULTS_BENCH", bench)
+    monkeypatch.setattr(results, "RESULTS_BENCH", bench)
 
 
 def test_results_rewrites_the_readme_block_and_writes_the_files(small_results, tmp_path):
-    before, after = "# Title\n\nintro\n" + sweep.START + "\n", sweep.END + "\n\n## Next\nrest\n"
+    before, after = "# Title\n\nintro\n" + results.START + "\n", results.END + "\n\n## Next\nrest\n"
     readme = tmp_path / "README.md"
     readme.write_text(before + "old results\n" + after)
     assert main(["results", "--readme", str(readme), "--out", str(tmp_path / "out")]) == 0
