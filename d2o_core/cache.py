@@ -19,6 +19,7 @@ itself (see `ops.py`); all its state is per request.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
@@ -55,12 +56,19 @@ class PolicyLayer(CacheLayerMixin):
 
     def __init__(self, cache: PolicyCache, index: int, offset: int, capacity: int, plan: LayerPlan):
         # No super().__init__(): `keys`/`values` are views of the pool here, not attributes.
-        self.cache, self.index, self.offset, self.capacity, self.plan = cache, index, offset, capacity, plan
+        # A weak link back: a cycle between cache and layers would keep large tensors alive until
+        # Python's cycle collector happens to run (measured: RSS grew ~300 MB per comparison).
+        self._cache = weakref.ref(cache)
+        self.index, self.offset, self.capacity, self.plan = index, offset, capacity, plan
         self.used = 0  # slots [offset, offset + used) hold entries whenever attention runs
         self.hole_slots: torch.Tensor | None = None  # [Hkv] pool slots freed by the last eviction
         self.seen = 0
         self.peak = 0
         self.is_initialized = True
+
+    @property
+    def cache(self) -> PolicyCache:
+        return self._cache()
 
     # -- views (always of the current pool, which `PolicyCache.grow` may replace) ------------------
     @property
@@ -264,7 +272,7 @@ class PolicyCache(Cache):
         twin.layers = []
         for layer in self.layers:
             copied = copy.copy(layer)
-            copied.cache = twin
+            copied._cache = weakref.ref(twin)
             twin.layers.append(copied)
         twin.capped = [twin.layers[layer.index] for layer in self.capped]
         return twin

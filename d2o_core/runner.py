@@ -147,20 +147,23 @@ def _check(lm: LoadedModel, prompt, policies, max_new_tokens, temperature) -> No
         raise ValueError(f"temperature must be 0 (greedy) or positive; got {temperature!r}.")
 
 
-def _forward(lm: LoadedModel, cache, ids: list[int], start: int) -> torch.Tensor:
-    """Logits of the last position after feeding `ids` at positions `start...` (cache observing)."""
+def _forward(lm: LoadedModel, cache, input_ids: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
+    """Last-position logits [B, V] after feeding `input_ids` at `positions`, with `cache` observing."""
     device = lm.device
-    input_ids = torch.tensor([ids], device=device)
-    positions = torch.arange(start, start + len(ids), device=device)[None]
     with torch.no_grad(), observing(cache):
         out = lm.model(
-            input_ids=input_ids,
-            position_ids=positions,
+            input_ids=torch.tensor(input_ids, device=device),
+            position_ids=torch.tensor(positions, device=device),
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-    return out.logits[0, -1]
+    return out.logits[:, -1]
+
+
+def _prefill(lm: LoadedModel, cache: PrefillCache, ids: list[int]) -> torch.Tensor:
+    """The prompt's one forward pass: [V] logits for the first new token."""
+    return _forward(lm, cache, [ids], [list(range(len(ids)))])[0]
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
@@ -178,19 +181,8 @@ def _decode(lm: LoadedModel, caches: list[PolicyCache], tokens: list[int], step:
     """
     for cache in caches:
         cache.step = step
-    device = lm.device
-    input_ids = torch.tensor([[t] for t in tokens], device=device)
-    positions = torch.tensor([[c.get_seq_length()] for c in caches], device=device)
-    batch = BatchCache(caches)
-    with torch.no_grad(), observing(batch):
-        out = lm.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            past_key_values=batch,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    return out.logits[:, -1]
+    positions = [[cache.get_seq_length()] for cache in caches]
+    return _forward(lm, BatchCache(caches), [[t] for t in tokens], positions)
 
 
 def _step(lm: LoadedModel, cache: PolicyCache, token: int, step: int) -> torch.Tensor:
@@ -228,7 +220,7 @@ def iter_compare(
     yield Update("status", text=f"Reading the prompt ({len(ids)} tokens) once for all policies...")
     start = time.perf_counter()
     prefill = PrefillCache(lm.n_layers, record=any(p.needs_scores or p.needs_density for p in policies))
-    logits = _forward(lm, prefill, ids, 0)
+    logits = _prefill(lm, prefill, ids)
     prefill_seconds = time.perf_counter() - start
     runs = []
     for policy, label in zip(policies, result_labels(policies)):

@@ -40,7 +40,7 @@ def make(name, budget, **kw):
 def walk(lm, ids, policy, steps, feed=None):
     """Prefill, compress, then decode `steps` tokens; yields (step, cache, logits) after each."""
     prefill = PrefillCache(lm.n_layers, record=True)
-    logits = runner._forward(lm, prefill, ids, 0)
+    logits = runner._prefill(lm, prefill, ids)
     cache = PolicyCache.from_prefill(prefill, policy, extra=steps + 1, log=EventLog())
     yield 0, cache, logits
     for step in range(1, steps + 1):

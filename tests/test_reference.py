@@ -74,7 +74,7 @@ class MaskedReference:
 
 def engine_trace(lm, ids, policy, feed):
     prefill = PrefillCache(lm.n_layers, record=True)
-    logits = [runner._forward(lm, prefill, ids, 0)]
+    logits = [runner._prefill(lm, prefill, ids)]
     cache = PolicyCache.from_prefill(prefill, policy, extra=len(feed) + 1, log=EventLog())
     kept = [held(cache)]
     for step, token in enumerate(feed, start=1):
@@ -137,5 +137,5 @@ def test_engine_keeps_what_a_masked_full_cache_reference_keeps(tiny, name, kw, b
 
 def _prefill(lm, ids):
     prefill = PrefillCache(lm.n_layers, record=True)
-    runner._forward(lm, prefill, ids, 0)
+    runner._prefill(lm, prefill, ids)
     return prefill
