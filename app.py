@@ -45,7 +45,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     models = [m.strip() for m in args.model.split(",")] if args.model else None
-    demo = make_app(models, preload=not args.no_preload)
+    try:
+        demo = make_app(models, preload=not args.no_preload)
+    except (FileNotFoundError, ValueError, OSError) as exc:  # a missing model: say what to do, no trace
+        raise SystemExit(f"error: {exc}") from None
     print(
         f"Open http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port} in a browser",
         flush=True,

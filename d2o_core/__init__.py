@@ -13,7 +13,8 @@ This package never imports gradio or plotly.
 
 from .models import LoadedModel, from_model, load_model
 from .policies import POLICIES, Policy
-from .runner import RunResult, Update, compare, generate, iter_compare
+from .result import RunResult
+from .runner import Update, compare, generate, iter_compare
 
 __all__ = [
     "POLICIES",

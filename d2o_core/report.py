@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .runner import RunResult
+from .result import RunResult
 
 
 def jsonable(value):

@@ -3,13 +3,15 @@
 What this module is: `iter_compare` (a generator of `Update`s: status lines, each
 policy's partial text per step, then the results), and the plain forms built on it,
 `compare` and `generate`. The prompt is processed once for all policies (the forward
-pass is identical; only the compression of its cache differs); each policy then decodes
-on its own compressed copy, round robin, so the UI can stream every column at once.
-When the full cache runs too, each other policy is also measured teacher-forced on the
-full cache's tokens: its free run is that measurement until its first different token,
-where a copy of its cache is taken and fed the full cache's tokens afterwards.
+pass is identical; only the compression of its cache differs); the policies then decode
+together, one batch row each over its own compressed cache, so the UI can stream every
+column at once. When the full cache runs too, each other policy is also measured
+teacher-forced on the full cache's tokens: its free run is that measurement until its
+first different token, where a copy of its cache is forked and fed the full cache's
+tokens from then on (in the same batches).
 
-What it is not: no policy maths (policies/, ops.py), no figures. Batch size 1.
+What it is not: no policy maths (policies/, ops.py), no figures, no result assembly
+(result.py). One prompt at a time.
 """
 
 from __future__ import annotations
@@ -18,56 +20,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import pandas as pd
 import torch
 
 from . import metrics as M
 from .cache import BatchCache, PolicyCache, PrefillCache
 from .capture import observing
-from .events import LAYER_BUDGETS_SCHEMA, EventLog, frame, survival_frame
+from .events import EventLog
 from .models import LoadedModel
 from .policies import Policy
+from .result import RunResult, decode_text, make_result
 
 MAX_NEW_TOKENS = 2048
-
-
-@dataclass
-class RunResult:
-    """Everything one policy produced for one prompt (frames follow events.py's schemas)."""
-
-    label: str
-    text: str
-    token_ids: list[int]
-    prompt_tokens: list[str]
-    events: pd.DataFrame
-    steps: pd.DataFrame
-    layer_budgets: pd.DataFrame
-    metrics: dict
-    drift: pd.DataFrame
-    settings: dict
-    generated_tokens: list[str] = field(default_factory=list)
-
-    def survival(self) -> pd.DataFrame:
-        """Per prompt token, the share of (layer, kv-head) slots that kept, merged or dropped it."""
-        n_slots = self.metrics["n_layers"] * self.metrics["n_kv_heads"]
-        return survival_frame(self.events, self.prompt_tokens, n_slots, self.settings.get("n_sink", 0))
-
-    def to_dict(self) -> dict:
-        """JSON-ready form (frames as lists of records)."""
-        records = lambda df: df.astype(object).where(df.notna(), None).to_dict("records")  # noqa: E731
-        return {
-            "label": self.label,
-            "settings": self.settings,
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-            "metrics": self.metrics,
-            "events": records(self.events),
-            "steps": records(self.steps),
-            "layer_budgets": records(self.layer_budgets),
-            "drift": records(self.drift),
-        }
 
 
 @dataclass
@@ -236,7 +199,7 @@ def iter_compare(
     if ref is not None:
         ref.ref_logprobs.append(None)  # step 0's prediction came from the shared prefill
     for run in runs:
-        yield Update("token", run.label, _text(lm, run.tokens), 0)
+        yield Update("token", run.label, decode_text(lm, run.tokens), 0)
     for step in range(1, max_new_tokens):
         free = [r for r in runs if not r.done]
         if not free:
@@ -260,8 +223,8 @@ def iter_compare(
         if ref is not None:
             _track_agreement(runs, ref, step)
         for run in free:
-            yield Update("token", run.label, _text(lm, run.tokens), step)
-    yield Update("done", results={r.label: _result(lm, ids, r, ref) for r in runs})
+            yield Update("token", run.label, decode_text(lm, run.tokens), step)
+    yield Update("done", results={r.label: make_result(lm, ids, r, ref is not None) for r in runs})
 
 
 def _advance(lm, run: _Run, logits: torch.Tensor, step: int, temperature: float, ref: _Run | None) -> None:
@@ -287,62 +250,6 @@ def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
             continue
         if step >= len(run.tokens) or run.tokens[step] != ref.tokens[step]:
             run.agreeing, run.fork, run.fork_step = False, run.cache.clone(), step
-
-
-def _text(lm: LoadedModel, tokens: list[int]) -> str:
-    return lm.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def _token_texts(lm: LoadedModel, ids: list[int]) -> list[str]:
-    return [lm.tokenizer.decode([i]) for i in ids]
-
-
-def _layer_budgets(cache: PolicyCache, n_prompt: int) -> pd.DataFrame:
-    plans = cache.plans
-    tokens = [n_prompt if p.budget is None else p.budget for p in plans]
-    return frame(
-        {
-            "layer": range(len(plans)),
-            "budget_tokens": tokens,
-            "budget_fraction": [t / n_prompt for t in tokens],
-            "density": [p.density for p in plans],
-            "protected": [p.protected for p in plans],
-        },
-        LAYER_BUDGETS_SCHEMA,
-    )
-
-
-def _result(lm: LoadedModel, ids: list[int], run: _Run, ref: _Run | None) -> RunResult:
-    cache, n_prompt = run.cache, len(ids)
-    prompt_tokens, generated = _token_texts(lm, ids), _token_texts(lm, run.tokens)
-    metrics = {"prompt_tokens": n_prompt, "new_tokens": len(run.tokens)}
-    peak = sum(max(layer.peak, n_prompt) for layer in cache.layers)  # the prefill held the whole prompt
-    metrics |= M.memory_metrics(
-        cache.stored_entries(), peak, cache.get_seq_length(), lm.n_layers, cache.entry_bytes()
-    )
-    metrics |= M.speed_metrics(run.prefill_seconds, run.decode_seconds, run.decode_steps)
-    drift = M.drift_frame(run.drift)
-    if ref is not None:
-        metrics |= M.fidelity_summary(drift)
-    metrics |= {
-        "n_layers": lm.n_layers,
-        "n_kv_heads": lm.n_kv_heads,
-        "head_dim": lm.head_dim,
-        "model": lm.name,
-    }
-    return RunResult(
-        label=run.label,
-        text=_text(lm, run.tokens),
-        token_ids=list(run.tokens),
-        prompt_tokens=prompt_tokens,
-        events=cache.log.events_frame(prompt_tokens + generated),
-        steps=cache.log.steps_frame(),
-        layer_budgets=_layer_budgets(cache, n_prompt),
-        metrics=metrics,
-        drift=drift,
-        settings=run.policy.settings(),
-        generated_tokens=generated,
-    )
 
 
 def compare(

