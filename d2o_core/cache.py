@@ -6,11 +6,12 @@ a list of `PolicyLayer`s that apply a policy's `LayerPlan`s: compress once from 
 prefill (step 0), then at every generated token add the new attention row to the
 scores and evict one entry per kv-head when over budget, merging it when D2O says so.
 
-Storage: each layer holds `[1, Hkv, capacity, D]` buffers. An evicted slot is reused
-by the next token (no concatenation or gather per step); kv-heads may keep different
-tokens, so `positions[h, slot]` records each entry's original token position. Two
-counts stay apart: `seen` (tokens fed, drives rotary positions) and `stored` (entries
-held, drives attention). Batch size 1.
+Storage: one slot pool per cache, `[2, Hkv, slots, D]`, in which each layer owns a
+window of `budget + 1` slots (prompt + room for the rest where it never evicts). An evicted
+slot is reused by the next token (no concatenation or gather per step); kv-heads may keep
+different tokens, so `positions[h, slot]` records each entry's original token position.
+Two counts stay apart: `seen` (tokens fed, drives rotary positions) and `stored`
+(entries held, drives attention). Batch size 1 per cache; `BatchCache` decodes several.
 
 What it is not: it decides nothing about which policy to run and computes no maths
 itself (see `ops.py`); all its state is per request.
@@ -206,7 +207,8 @@ class PolicyCache(Cache):
         n_prompt = like.shape[2]
         col_sums = [layer.col_sums for layer in layers] if policy.needs_density else None
         plans = policy.plans(n_prompt, len(layers), col_sums)
-        capacities = [n_prompt + extra if p.budget is None else max(p.budget, n_prompt) + 1 for p in plans]
+        # A capped layer never holds more than its budget plus the token being added.
+        capacities = [n_prompt + extra if p.budget is None else p.budget + 1 for p in plans]
         cache = cls(plans, policy.merge_rule(), policy.needs_scores, like, capacities, log)
         column = {layer.index: j for j, layer in enumerate(cache.capped)}
         for src, layer in zip(layers, cache.layers):

@@ -286,3 +286,15 @@ def test_caches_are_freed_as_soon_as_a_run_ends(tiny):
         assert [ref() for ref in alive] == [None, None, None]
     finally:
         gc.enable()
+
+
+def test_a_compressed_cache_allocates_only_its_budget(tiny):
+    """Regression: capped layers were given room for the whole prompt, so compression saved no memory."""
+    prefill = PrefillCache(tiny.n_layers, record=True)
+    runner._prefill(tiny, prefill, [ord(c) for c in TEXT])
+    for name in ("streaming", "h2o", "d2o"):
+        cache = PolicyCache.from_prefill(prefill, POLICIES[name](budget=0.2), 8, EventLog())
+        budgets = sum(layer.plan.budget for layer in cache.layers)
+        assert cache.kv.shape[2] == budgets + tiny.n_layers, name  # one spare slot per layer
+    full = PolicyCache.from_prefill(prefill, POLICIES["full"](), 8, EventLog())
+    assert full.kv.shape[2] == tiny.n_layers * (len(TEXT) + 8)
