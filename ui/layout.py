@@ -50,45 +50,35 @@ def launch_options() -> dict:
 
 
 def _advanced() -> dict[str, gr.components.Component]:
-    d = H.Controls()
-    c = {}
+    """The Advanced accordion: one control per `handlers.Controls` field, default and tooltip included."""
+    d, c = H.Controls(), {}
+
+    def slider(name: str, low: float, high: float, step: float, label: str) -> None:
+        c[name] = gr.Slider(low, high, getattr(d, name), step=step, label=label, info=TIPS[name])
+
+    def choice(name: str, options: list[str], label: str) -> None:
+        c[name] = gr.Radio(options, value=getattr(d, name), label=label, info=TIPS[name])
+
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            c["h2o_sinks"] = gr.Slider(0, 16, d.h2o_sinks, step=1, label="H2O sinks", info=TIPS["h2o_sinks"])
-            c["h2o_recent"] = gr.Slider(
-                0, 1, d.h2o_recent, step=0.05, label="H2O recent share", info=TIPS["h2o_recent"]
-            )
-            c["stream_sinks"] = gr.Slider(
-                0, 16, d.stream_sinks, step=1, label="StreamingLLM sinks", info=TIPS["stream_sinks"]
-            )
-        c["d2o_variant"] = gr.Radio(
-            ["paper", "official"], value=d.d2o_variant, label="D2O variant", info=TIPS["d2o_variant"]
-        )
+            slider("h2o_sinks", 0, 16, 1, "H2O sinks")
+            slider("h2o_recent", 0, 1, 0.05, "H2O recent share")
+            slider("stream_sinks", 0, 16, 1, "StreamingLLM sinks")
+        choice("d2o_variant", ["paper", "official"], "D2O variant")
         with gr.Row():
-            c["d2o_sinks"] = gr.Slider(0, 16, d.d2o_sinks, step=1, label="D2O sinks", info=TIPS["d2o_sinks"])
-            c["d2o_recent"] = gr.Slider(
-                0, 1, d.d2o_recent, step=0.05, label="D2O recent share", info=TIPS["d2o_recent"]
-            )
-            c["d2o_beta"] = gr.Slider(
-                0.05, 1, d.d2o_beta, step=0.05, label="D2O EMA beta", info=TIPS["d2o_beta"]
-            )
+            slider("d2o_sinks", 0, 16, 1, "D2O sinks")
+            slider("d2o_recent", 0, 1, 0.05, "D2O recent share")
+            slider("d2o_beta", 0.05, 1, 0.05, "D2O EMA beta")
         with gr.Row():
             c["d2o_merge"] = gr.Checkbox(
                 d.d2o_merge, label="D2O merges evicted tokens", info=TIPS["d2o_merge"]
             )
-            c["d2o_layer_budgets"] = gr.Radio(
-                ["dynamic", "uniform"],
-                value=d.d2o_layer_budgets,
-                label="D2O layer budgets",
-                info=TIPS["d2o_layer_budgets"],
-            )
+            choice("d2o_layer_budgets", ["dynamic", "uniform"], "D2O layer budgets")
             c["d2o_protected"] = gr.Textbox(
                 d.d2o_protected, label="D2O protected layers", placeholder="none", info=TIPS["d2o_protected"]
             )
         with gr.Row():
-            c["temperature"] = gr.Slider(
-                0, 1.5, d.temperature, step=0.05, label="Temperature", info=TIPS["temperature"]
-            )
+            slider("temperature", 0, 1.5, 0.05, "Temperature")
             c["seed"] = gr.Number(d.seed, precision=0, label="Seed", info=TIPS["seed"])
             c["chat"] = gr.Checkbox(d.chat, label="Chat template", info=TIPS["chat"])
     return c
@@ -201,7 +191,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
         ctrl = list(controls.values())
 
         def compare(prompt, chosen, budget, max_new, model, *values):
-            yield from H.run_comparison(engine, prompt, chosen, budget, max_new, model, H.Controls(*values))
+            yield from H.run_comparison(engine, prompt, chosen, budget, max_new, model, H.Controls(**dict(zip(controls, values))))
 
         event = run.click(
             _wire(compare, outputs),
