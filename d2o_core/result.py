@@ -85,7 +85,7 @@ def make_result(lm: LoadedModel, ids: list[int], run, with_fidelity: bool) -> Ru
     cache, n_prompt = run.cache, len(ids)
     prompt_tokens, generated = _token_texts(lm, ids), _token_texts(lm, run.tokens)
     metrics = {"prompt_tokens": n_prompt, "new_tokens": len(run.tokens)}
-    peak = sum(max(layer.peak, n_prompt) for layer in cache.layers)  # the prefill held the whole prompt
+    peak = cache.peak_entries()  # each layer's peak starts at the whole prompt, which the prefill held
     metrics |= M.memory_metrics(
         cache.stored_entries(), peak, cache.get_seq_length(), lm.n_layers, cache.entry_bytes()
     )
