@@ -61,7 +61,7 @@ class _Run:
     fork: PolicyCache | None = None  # teacher-forced copy, from the first different token on
     fork_step: int = 0
     drift: list = field(default_factory=list)
-    ref_logprobs: list = field(default_factory=list)  # kept for the full cache only
+    logprobs: torch.Tensor | None = None  # the full cache's latest next-token log-probs (reference only)
 
 
 def encode(lm: LoadedModel, prompt: str | Sequence[int], chat: bool) -> list[int]:
@@ -196,8 +196,6 @@ def iter_compare(
         runs.append(run)
     del prefill
     ref = runs[0] if runs[0].policy.name == "full" and fidelity else None
-    if ref is not None:
-        ref.ref_logprobs.append(None)  # step 0's prediction came from the shared prefill
     for run in runs:
         yield Update("token", run.label, decode_text(lm, run.tokens), 0)
     for step in range(1, max_new_tokens):
@@ -234,13 +232,14 @@ def _advance(lm, run: _Run, logits: torch.Tensor, step: int, temperature: float,
     run.done = run.tokens[-1] in lm.eos_ids
     if ref is not None and run.agreeing and step < len(ref.tokens):
         if run is ref:
-            ref.ref_logprobs.append(torch.log_softmax(logits.float(), dim=-1))
+            # Only this step's reference is ever needed: every comparison with it happens in this batch.
+            ref.logprobs = torch.log_softmax(logits.float(), dim=-1)
         run.drift.append(_fidelity(ref, logits, step))
 
 
 def _fidelity(ref: _Run, logits: torch.Tensor, step: int) -> tuple:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return (step, *M.step_fidelity(ref.ref_logprobs[step], logprobs, ref.tokens[step]))
+    return (step, *M.step_fidelity(ref.logprobs, logprobs, ref.tokens[step]))
 
 
 def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
