@@ -69,7 +69,10 @@ class PolicyLayer(CacheLayerMixin):
 
     @property
     def cache(self) -> PolicyCache:
-        return self._cache()
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("this layer's PolicyCache is gone: keep the cache, not only its layers")
+        return cache
 
     # -- views (always of the current pool, which `PolicyCache.grow` may replace) ------------------
     @property

@@ -213,3 +213,24 @@ def test_7_concurrent_requests_do_not_share_policy_state(tiny, first, second):
             assert res.events.equals(alone[key].events)
     with pytest.raises(AttributeError):
         policies[first].budget = 0.9  # policies are frozen configs, never per-request state
+
+
+@pytest.mark.parametrize(
+    "name,kw", [("full", {}), ("d2o", {"variant": "official"})], ids=["full", "d2o-official"]
+)
+def test_layers_that_never_evict_grow_past_their_room_without_changing_anything(tiny, name, kw):
+    """Uncapped layers get room for `extra` tokens; going past it moves the pool, keeping every entry."""
+    policy = make(name, 0.3, **kw)
+    roomy = [logits for _, _, logits in walk(tiny, PROMPT, policy, 15)]
+    prefill = PrefillCache(tiny.n_layers, record=True)
+    runner._prefill(tiny, prefill, PROMPT)
+    cache = PolicyCache.from_prefill(prefill, policy, extra=1, log=EventLog())
+    tight = [
+        runner._step(tiny, cache, int(logits.argmax()), step) for step, logits in enumerate(roomy[:-1], 1)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(roomy[1:], tight))
+    assert cache.kv.shape[2] > sum(layer.plan.budget or 0 for layer in cache.layers) + len(PROMPT) + 1
+    *_, (_, reference, _) = walk(tiny, PROMPT, policy, 15)
+    assert [held_positions(layer) for layer in cache.layers] == [
+        held_positions(layer) for layer in reference.layers
+    ]
