@@ -81,7 +81,7 @@ def _evict(cache, capped: list, over: list[bool]):
     rows = cache.heads[:, None]
     positions = cache.positions[:, :region]
     seen = capped[0].seen
-    protect = (positions < cache.slot_sinks) | (positions >= seen - cache.slot_recent)
+    protect = ops.protected_mask(positions, cache.slot_sinks, cache.slot_recent, seen)  # per-slot limits
     unused = None
     if any(layer.used < layer.capacity for layer in capped):
         ends = torch.tensor([layer.offset + layer.used for layer in capped], device=positions.device)

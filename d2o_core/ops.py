@@ -116,8 +116,11 @@ def dynamic_layer_budgets(density: list[float], fraction: float, n_prompt: int) 
     return [int(v) for v in out]
 
 
-def protected_mask(positions: torch.Tensor, n_sink: int, n_recent: int, seen: int) -> torch.Tensor:
-    """True for sink positions (``< n_sink``) and the recent window (the last ``n_recent`` seen)."""
+def protected_mask(positions: torch.Tensor, n_sink, n_recent, seen: int) -> torch.Tensor:
+    """True for sink positions (``< n_sink``) and the recent window (the last ``n_recent`` seen).
+
+    `n_sink` and `n_recent` are ints, or tensors broadcasting against `positions` (one per slot).
+    """
     return (positions < n_sink) | (positions >= seen - n_recent)
 
 
