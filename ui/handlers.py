@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,16 +112,25 @@ def run_comparison(
     controls: Controls | None = None,
 ):
     """Stream a comparison: yields dicts of output name -> value (texts per step, then figures)."""
-    try:
+    with page_errors("Generation"):
         yield from _run(engine, prompt, names, budget_percent, max_new_tokens, model, controls or Controls())
-    except ValueError as exc:  # the user's input: say what to change
+
+
+@contextmanager
+def page_errors(what: str) -> Iterator[None]:
+    """Errors as messages in the page, never stack traces: bad input says what to change,
+    anything else is logged on the server and summarised."""
+    try:
+        yield
+    except ValueError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
     except gr.Error:
         raise
-    except Exception as exc:  # never a stack trace in the page; keep it in the server log
-        log.error("generation failed:\n%s", traceback.format_exc())
-        message = f"Generation failed ({type(exc).__name__}: {exc}). The details are in the server log."
-        raise gr.Error(message) from None
+    except Exception as exc:
+        log.error("%s failed:\n%s", what, traceback.format_exc())
+        raise gr.Error(
+            f"{what} failed ({type(exc).__name__}: {exc}). The details are in the server log."
+        ) from None
 
 
 def _run(engine, prompt, names, budget_percent, max_new_tokens, model, controls):
@@ -170,13 +181,17 @@ def _finished(lm, results: dict, column: dict) -> dict:
         f"together as one batch (model {lm.name}).",
         "state": state,
         "summary": report.summary(results).round(3),
-        "budget_fig": figures.budget_heatmap(report.combined(results, "layer_budgets")),
+        "budget_fig": budget_figure(results),
         "drift_fig": drift_figure(results),
         "view": gr.update(choices=labels, value=view),
         "layer": gr.update(maximum=lm.n_layers - 1, value=layer),
         "head": gr.update(maximum=lm.n_kv_heads - 1, value=0),
     }
     return out | policy_views(state, view, layer, 0)
+
+
+def budget_figure(results: dict):
+    return figures.budget_heatmap(report.combined(results, "layer_budgets"))
 
 
 def drift_figure(results: dict):
@@ -190,7 +205,7 @@ def policy_views(state: dict | None, label: str, layer: int, head: int) -> dict:
     if res is None:
         return {
             "cache_fig": figures.cache_over_time(frame({}, STEPS_SCHEMA)),
-            "timeline_fig": figures.timeline(frame({}, EVENTS_SCHEMA), 0, 0, 0),
+            "timeline_fig": timeline_view(None, label, 0, 0)["timeline_fig"],
             "survival_fig": figures.survival(frame({}, SURVIVAL_SCHEMA)),
         }
     return {
@@ -220,7 +235,7 @@ def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> 
     }
     views = policy_views(state, label, layer, head)
     figs = {
-        "budget_heatmap": figures.budget_heatmap(report.combined(results, "layer_budgets")),
+        "budget_heatmap": budget_figure(results),
         "drift": drift_figure(results),
         "cache_over_time": views["cache_fig"],
         "timeline": views["timeline_fig"],
@@ -237,12 +252,14 @@ def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> 
 def api_compare(
     engine: Engine, prompt: str, policies: list[str], budget: float = 0.2, max_new_tokens: int = 64
 ) -> dict:
-    """The JSON API: texts and metrics per policy (budget as a fraction, e.g. 0.2)."""
-    if not 0 < float(budget) <= 1:
-        raise gr.Error("budget is a fraction in (0, 1], e.g. 0.2 for 20 %.", print_exception=False)
-    results = {}
-    for out in run_comparison(engine, prompt, list(policies), 100 * float(budget), int(max_new_tokens)):
-        results = out.get("state", {}).get("results", results)
+    """The JSON API: texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn."""
+    with page_errors("Generation"):
+        if not 0 < float(budget) <= 1:
+            raise ValueError("budget is a fraction in (0, 1], e.g. 0.2 for 20 %.")
+        chosen = build_policies(list(policies), 100 * float(budget), Controls())
+        lm = engine.get()
+        stream = _stream(lm, prompt, chosen, int(max_new_tokens), Controls())
+        results = next(update.results for update in stream if update.kind == "done")
     return report.jsonable(
         {"results": {label: {"text": res.text, "metrics": res.metrics} for label, res in results.items()}}
     )
@@ -260,7 +277,7 @@ def run_sweep(
     """The Budget sweep tab: fidelity to the full cache vs budget on the user's prompt."""
     from d2o_core import sweep  # noqa: PLC0415 - only this tab needs it
 
-    try:
+    with page_errors("The sweep"):
         names = [n for n in (names or []) if n != "full"]
         if not names:
             raise ValueError("Tick at least one policy other than the full cache to sweep.")
@@ -281,8 +298,6 @@ def run_sweep(
             int(max_new_tokens),
             progress=report_progress,
         )
-    except ValueError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
     yield {
         "sweep_status": f"Done: {len(df)} runs sharing one prefill.",
         "agree_fig": figures.sweep_curves(df, y="token_agreement", facet=None),

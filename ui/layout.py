@@ -191,7 +191,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
         ctrl = list(controls.values())
 
         def compare(prompt, chosen, budget, max_new, model, *values):
-            yield from H.run_comparison(engine, prompt, chosen, budget, max_new, model, H.Controls(**dict(zip(controls, values))))
+            yield from H.run_comparison(
+                engine, prompt, chosen, budget, max_new, model, H.Controls(**dict(zip(controls, values)))
+            )
 
         event = run.click(
             _wire(compare, outputs),
