@@ -144,6 +144,8 @@ def test_api_compare_returns_texts_and_metrics(engine):
     json.dumps(out, allow_nan=False)  # strict JSON
     with pytest.raises(gr.Error, match="fraction"):
         H.api_compare(engine, TEXT, ["full"], 20, 5)
+    with pytest.raises(gr.Error, match="Unknown policy H2O"):  # not silently dropped
+        H.api_compare(engine, TEXT, ["full", "H2O"], 0.2, 5)
 
 
 def test_engine_loads_each_model_once_and_only_allowed_ones():

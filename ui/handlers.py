@@ -72,6 +72,9 @@ def variant_defaults(variant: str) -> tuple[float, float, str]:
 
 def build_policies(names: list[str], budget_percent: float, c: Controls) -> list:
     """Policies for the chosen names at `budget_percent` (5-100) with the Advanced settings."""
+    unknown = sorted(set(names or []) - set(NAMES))
+    if unknown:
+        raise ValueError(f"Unknown policy {', '.join(unknown)}; choose from {', '.join(NAMES)}.")
     budget = float(budget_percent) / 100
     settings = {
         "full": {},
