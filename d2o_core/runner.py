@@ -57,9 +57,9 @@ class _Run:
     done: bool = False
     decode_seconds: float = 0.0
     decode_steps: int = 0
-    agreeing: bool = True  # fed the same tokens as the full cache so far
-    fork: PolicyCache | None = None  # teacher-forced copy, from the first different token on
-    fork_step: int = 0
+    # Teacher-forced copy, forked at the first token that differs from the full cache's; while it is
+    # None the run has read exactly what the full cache read.
+    fork: PolicyCache | None = None
     drift: list = field(default_factory=list)
     logprobs: torch.Tensor | None = None  # the full cache's latest next-token log-probs (reference only)
 
@@ -230,7 +230,7 @@ def _advance(lm, run: _Run, logits: torch.Tensor, step: int, temperature: float,
     run.tokens.append(_pick(logits, temperature, run.generator))
     run.decode_steps += 1
     run.done = run.tokens[-1] in lm.eos_ids
-    if ref is not None and run.agreeing and step < len(ref.tokens):
+    if ref is not None and run.fork is None and step < len(ref.tokens):
         if run is ref:
             # Only this step's reference is ever needed: every comparison with it happens in this batch.
             ref.logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -245,10 +245,10 @@ def _fidelity(ref: _Run, logits: torch.Tensor, step: int) -> tuple:
 def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
     """After `step`, fork every run whose latest token differs from the full cache's."""
     for run in runs[1:]:
-        if not run.agreeing or step >= len(ref.tokens):
+        if run.fork is not None or step >= len(ref.tokens):
             continue
         if step >= len(run.tokens) or run.tokens[step] != ref.tokens[step]:
-            run.agreeing, run.fork, run.fork_step = False, run.cache.clone(), step
+            run.fork = run.cache.clone()
 
 
 def compare(
