@@ -15,6 +15,7 @@ from . import report
 from .models import load_model
 from .policies import POLICIES, build
 from .runner import iter_compare
+from .shapes import NOTICE
 
 
 def _value(text: str):
@@ -52,7 +53,11 @@ def _read_prompt(args) -> str:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="local path or hub id (default: bundled SmolLM2-135M)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local path, hub id, or random:<shape> for speed/memory only (default: bundled SmolLM2-135M)",
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16"
@@ -86,6 +91,8 @@ def cmd_compare(args, stream: bool = False) -> int:
     print(
         f"model: {lm.name} ({lm.source}) on {lm.device}, loaded in {lm.load_seconds:.1f} s", file=sys.stderr
     )
+    if lm.shape_only:
+        print(f"note: {NOTICE}", file=sys.stderr)
     results, shown = {}, 0
     for update in iter_compare(
         lm,

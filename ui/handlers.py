@@ -25,6 +25,7 @@ from d2o_core import POLICIES, iter_compare, report
 from d2o_core.events import EVENTS_SCHEMA, STEPS_SCHEMA, SURVIVAL_SCHEMA, frame
 from d2o_core.policies import build
 from d2o_core.policies.d2o import VARIANTS
+from d2o_core.shapes import NOTICE
 
 from . import figures
 from .engine import Engine, gpu
@@ -181,7 +182,7 @@ def _finished(lm, results: dict, column: dict) -> dict:
     out |= {f"text:{column[label]}": res.text for label, res in results.items()}
     out |= {
         "status": f"Done: {state['n_prompt']} prompt tokens read once, then {len(labels)} policies decoded "
-        f"together as one batch (model {lm.name}).",
+        f"together as one batch (model {lm.name})." + (f" Note: {NOTICE}" if lm.shape_only else ""),
         "state": state,
         "summary": report.summary(results).round(3),
         "budget_fig": budget_figure(results),
