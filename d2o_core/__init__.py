@@ -7,6 +7,7 @@ Public API (DESIGN.md):
     res = generate(lm, "prompt", policy, max_new_tokens=64)
     many = compare(lm, "prompt", [POLICIES[k](budget=0.2) for k in ("full", "h2o", "d2o")])
     for update in iter_compare(lm, "prompt", policies): ...   # streaming form
+    out = serve_batch(lm, prompts, policy, max_new_tokens=32, kv_cap_mb=None)  # rows under a KV cap
 
 This package never imports gradio or plotly.
 """
@@ -15,16 +16,19 @@ from .models import LoadedModel, from_model, load_model
 from .policies import POLICIES, Policy
 from .result import RunResult
 from .runner import Update, compare, generate, iter_compare
+from .serving import BatchResult, serve_batch
 
 __all__ = [
     "POLICIES",
     "LoadedModel",
     "Policy",
     "RunResult",
+    "BatchResult",
     "Update",
     "compare",
     "from_model",
     "generate",
     "iter_compare",
     "load_model",
+    "serve_batch",
 ]
