@@ -11,7 +11,7 @@ window of `budget + 1` slots (prompt + room for the rest where it never evicts).
 slot is reused by the next token (no concatenation or gather per step); kv-heads may keep
 different tokens, so `positions[h, slot]` records each entry's original token position.
 Two counts stay apart: `seen` (tokens fed, drives rotary positions) and `stored`
-(entries held, drives attention). Batch size 1 per cache; `BatchCache` decodes several.
+(entries held, drives attention). Batch size 1 per cache; `batching.py` decodes several.
 
 What it is not: it decides nothing about which policy to run and computes no maths
 itself (see `ops.py`); all its state is per request.
@@ -26,7 +26,6 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import evict, ops
-from .capture import Ragged
 from .events import EventLog
 from .policies import LayerPlan, MergeRule, Policy
 
@@ -100,27 +99,36 @@ class PolicyLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:  # the pool exists from the start
         pass
 
+    def claim_slot(self):
+        """Book the slot the next token goes to: the last eviction's hole per head, else the next free one.
+
+        Returns an int (the same pool slot for every head) or a [Hkv] tensor of pool slots.
+        """
+        if self.hole_slots is not None:
+            slot, self.hole_slots = self.hole_slots, None  # each head refills its freed slot
+        else:
+            if self.used == self.capacity:
+                self.cache.grow(self)
+            slot = self.offset + self.used
+            self.used += 1
+        self.seen += 1
+        self.peak = max(self.peak, self.used)
+        return slot
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store one new token (into the slot the last eviction freed) and return the entries to attend."""
         if key_states.shape[-2] != 1:
             raise ValueError("a compressed cache takes one new token per forward pass")
-        cache = self.cache
-        if self.hole_slots is None:
-            if self.used == self.capacity:
-                cache.grow(self)
-            index = (slice(None), self.offset + self.used)  # one new slot, the same for every head
-            self.used += 1
-        else:
-            index, self.hole_slots = (cache.heads, self.hole_slots), None  # each head refills its freed slot
+        cache, position = self.cache, self.seen
+        slot = self.claim_slot()
+        index = (slice(None), slot) if isinstance(slot, int) else (cache.heads, slot)
         cache.kv[0][index] = key_states[0, :, 0]
         cache.kv[1][index] = value_states[0, :, 0]
-        cache.positions[index] = self.seen
+        cache.positions[index] = position
         if cache.scores is not None:
             cache.scores[index] = 0.0
         if cache.norms is not None:
             cache.norms[index] = ops.norms(key_states[0, :, 0])
-        self.seen += 1
-        self.peak = max(self.peak, self.used)
         end = self.offset + self.used
         return cache.kv[0:1, :, self.offset : end], cache.kv[1:2, :, self.offset : end]
 
@@ -153,6 +161,8 @@ class PolicyCache(Cache):
     norms. Capped layers come first, so the slots where evictions happen form one region that
     `evict.evict_step` handles for all layers at once.
     """
+
+    stacked = False  # True while the storage is a view into a `batching.StackedBatch`
 
     def __init__(
         self,
@@ -230,27 +240,44 @@ class PolicyCache(Cache):
         if layer_idx == len(self.layers) - 1:
             evict.evict_step(self)
 
+    STORES = ("kv", "positions", "scores", "norms")
+
     def grow(self, layer: PolicyLayer) -> None:
         """Give `layer` twice the room, moving every layer's slots to a new pool (rare: only past `extra`)."""
-        old = {name: getattr(self, name) for name in ("kv", "positions", "scores", "norms")}
-        moves = [(ly, ly.offset) for ly in self.layers]
-        grow_by = layer.capacity
-        layer.capacity *= 2
-        for ly in self.layers:  # the grown layer is uncapped, so it sits after every capped one
-            if ly.offset > layer.offset:
-                ly.offset += grow_by
-        total = old["kv"].shape[2] + grow_by
-        self.kv = old["kv"].new_empty(2, old["kv"].shape[1], total, old["kv"].shape[3])
-        for name in ("positions", "scores", "norms"):
-            if old[name] is not None:
-                setattr(self, name, old[name].new_ones(old[name].shape[0], total))
-        for ly, start in moves:
+        if self.stacked:
+            raise RuntimeError("a layer outgrew its room inside a stacked batch; give the rows more `extra`")
+        grow_by, capacities = layer.capacity, {ly.index: ly.capacity for ly in self.layers}
+        capacities[layer.index] *= 2
+        offsets = {ly.index: ly.offset + (grow_by if ly.offset > layer.offset else 0) for ly in self.layers}
+        total = self.kv.shape[2] + grow_by  # the grown layer is uncapped: it sits after every capped one
+        n_kv, dim = self.kv.shape[1], self.kv.shape[3]
+        stores = {
+            "kv": self.kv.new_empty(2, n_kv, total, dim),
+            "positions": self.positions.new_zeros(n_kv, total),
+            "scores": None if self.scores is None else self.scores.new_zeros(n_kv, total),
+            "norms": None if self.norms is None else self.norms.new_ones(n_kv, total),
+        }
+        self.relocate(stores, offsets, capacities)
+
+    def relocate(self, stores: dict, offsets: dict[int, int], capacities: dict[int, int]) -> None:
+        """Move every layer's entries into new storage (`stores`: the `STORES` tensors, views allowed).
+
+        offsets, capacities : per layer index, its window in the new storage; capacities never shrink
+        below what a layer uses, and capped layers must stay first, contiguous, in the same order.
+        """
+        for ly in self.layers:
             n = ly.used
-            src, dst = slice(start, start + n), slice(ly.offset, ly.offset + n)
-            self.kv[:, :, dst] = old["kv"][:, :, src]
+            src, dst = slice(ly.offset, ly.offset + n), slice(offsets[ly.index], offsets[ly.index] + n)
+            stores["kv"][:, :, dst] = self.kv[:, :, src]
             for name in ("positions", "scores", "norms"):
-                if old[name] is not None:
-                    getattr(self, name)[:, dst] = old[name][:, src]
+                if getattr(self, name) is not None:
+                    stores[name][:, dst] = getattr(self, name)[:, src]
+            if ly.hole_slots is not None:
+                ly.hole_slots = ly.hole_slots - ly.offset + offsets[ly.index]
+        for name in self.STORES:
+            setattr(self, name, stores[name])
+        for ly in self.layers:
+            ly.offset, ly.capacity = offsets[ly.index], capacities[ly.index]
         self._index_region()
 
     @property
@@ -271,6 +298,7 @@ class PolicyCache(Cache):
         """An independent copy that logs nothing (for teacher-forced measurements)."""
         twin = copy.copy(self)
         twin.log = EventLog(enabled=False)
+        twin.stacked = False
         for name in ("kv", "positions", "scores", "norms", "tau"):
             value = getattr(self, name)
             setattr(twin, name, value.clone() if value is not None else None)
@@ -281,45 +309,3 @@ class PolicyCache(Cache):
             twin.layers.append(copied)
         twin.capped = [twin.layers[layer.index] for layer in self.capped]
         return twin
-
-
-class _BatchLayer(CacheLayerMixin):
-    """Layer `index` of several policy caches, one per batch row."""
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, index: int, caches: list[PolicyCache]):
-        super().__init__()
-        self.index, self.caches, self.is_initialized = index, caches, True
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        pass
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        pairs = [
-            cache.layers[self.index].update(key_states[b : b + 1], value_states[b : b + 1])
-            for b, cache in enumerate(self.caches)
-        ]
-        return Ragged([k for k, _ in pairs]), Ragged([v for _, v in pairs])
-
-    def get_seq_length(self) -> int:
-        return self.caches[0].layers[self.index].seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return max(c.layers[self.index].stored for c in self.caches) + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-
-class BatchCache(Cache):
-    """Several policy caches decoding as one batch: row `b` of the model's batch reads `caches[b]`."""
-
-    def __init__(self, caches: list[PolicyCache]):
-        super().__init__(layers=[_BatchLayer(i, caches) for i in range(len(caches[0].layers))])
-        self.caches = caches
-
-    def observe(self, layer_idx: int, query, key: Ragged, scaling: float) -> None:
-        for b, cache in enumerate(self.caches):
-            cache.observe(layer_idx, query[b : b + 1], key.rows[b], scaling)

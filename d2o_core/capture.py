@@ -40,13 +40,28 @@ class Ragged:
     rows: list[torch.Tensor]
 
 
+@dataclass
+class Padded:
+    """Keys (or values) of a batch padded to one length: `tensor` [B, Hkv, S, D], `mask` [B, 1, 1, S].
+
+    `mask` is True where a row holds an entry; rows of one layer may hold different counts.
+    """
+
+    tensor: torch.Tensor
+    mask: torch.Tensor
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA output, then `observer.observe(layer_idx, query, key, scaling)` when one is active.
 
-    query : [B, Hq, q, D]; key, value : [B, Hkv, S, D] (GQA not expanded), or `Ragged` rows.
+    query : [B, Hq, q, D]; key, value : [B, Hkv, S, D] (GQA not expanded), or `Padded` / `Ragged` rows.
     """
     scaling = module.scaling if scaling is None else scaling
-    if isinstance(key, Ragged):
+    if isinstance(key, Padded):
+        out, _ = sdpa_attention_forward(
+            module, query, key.tensor, value.tensor, key.mask, scaling=scaling, **kwargs
+        )
+    elif isinstance(key, Ragged):
         rows = zip(query.split(1), key.rows, value.rows)
         out = torch.cat(
             [sdpa_attention_forward(module, q, k, v, None, scaling=scaling, **kwargs)[0] for q, k, v in rows]

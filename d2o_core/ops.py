@@ -72,6 +72,29 @@ def attention_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tor
     return logits.softmax(dim=-1, dtype=torch.float32).sum(dim=1)
 
 
+def attention_rows(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """`attention_row` for a padded batch: one new query per row over that row's stored keys.
+
+    Parameters
+    ----------
+    query : [B, Hq, 1, D]
+    key : [B, Hkv, S, D] (rows padded to S)
+    valid : [B, S] bool, False at padding
+
+    Returns
+    -------
+    [B, Hkv, S] float32, 0 at padding; each row sums to ``n_rep`` per kv-head.
+    """
+    n_rows, n_q, _, dim = query.shape
+    n_kv = key.shape[1]
+    q = query.reshape(n_rows, n_kv, n_q // n_kv, dim)
+    logits = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling)  # [B, Hkv, n_rep, S]
+    logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=2)
+
+
 def group_heads(per_query_head: torch.Tensor, n_kv: int) -> torch.Tensor:
     """Sum a ``[Hq, ...]`` tensor into its kv-head groups: ``[Hkv, ...]``."""
     return per_query_head.reshape(n_kv, -1, *per_query_head.shape[1:]).sum(dim=1)

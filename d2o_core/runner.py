@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import Cache
 
 from . import metrics as M
-from .cache import BatchCache, PolicyCache, PrefillCache
+from .batching import RaggedBatch
+from .cache import PolicyCache, PrefillCache
 from .capture import observing
 from .events import EventLog
 from .models import LoadedModel
@@ -136,16 +138,19 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _decode(lm: LoadedModel, caches: list[PolicyCache], tokens: list[int], step: int) -> torch.Tensor:
+def _decode(lm: LoadedModel, caches, tokens: list[int], step: int) -> torch.Tensor:
     """One decode step for several caches as one batch; returns [B, V] logits.
 
-    Each token goes in at the position after every token its cache has seen (not after the
-    entries it stores). The matrix products run once for all rows, attention per row.
+    `caches`: a list of `PolicyCache`s (any policies; attention then runs per row), or a
+    `batching.StackedBatch` (one layout; attention runs once for all rows). Each token goes in
+    at the position after every token its cache has seen (not after the entries it stores).
+    The matrix products run once for all rows.
     """
-    for cache in caches:
+    batch = caches if isinstance(caches, Cache) else RaggedBatch(caches)
+    for cache in batch.caches:
         cache.step = step
-    positions = [[cache.get_seq_length()] for cache in caches]
-    return _forward(lm, BatchCache(caches), [[t] for t in tokens], positions)
+    positions = [[cache.get_seq_length()] for cache in batch.caches]
+    return _forward(lm, batch, [[t] for t in tokens], positions)
 
 
 def _step(lm: LoadedModel, cache: PolicyCache, token: int, step: int) -> torch.Tensor:

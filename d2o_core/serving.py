@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batching import StackedBatch
 from .cache import PolicyCache, PrefillCache
 from .events import EventLog
 from .models import LoadedModel
@@ -189,11 +190,14 @@ def _decode_rows(lm, rows: list[_Row], max_new_tokens, temperature, stop_at_eos,
         row.done = stop_at_eos and row.tokens[-1] in lm.eos_ids
     steps = generated = 0
     start = time.perf_counter()
+    batch, members = None, None
     for step in range(1, max_new_tokens):
         live = [row for row in rows if not row.done]
         if not live:
             break
-        logits = _decode(lm, [row.cache for row in live], [row.tokens[-1] for row in live], step)
+        if [row.index for row in live] != members:  # rows joined or left: restack (one copy)
+            batch, members = StackedBatch([row.cache for row in live]), [row.index for row in live]
+        logits = _decode(lm, batch, [row.tokens[-1] for row in live], step)
         for row, row_logits in zip(live, logits):
             row.tokens.append(_pick(row_logits, temperature, row.generator))
             row.done = len(row.tokens) >= max_new_tokens or (stop_at_eos and row.tokens[-1] in lm.eos_ids)
