@@ -9,11 +9,11 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from conftest import TEXT, tiny_model
+from helpers import TEXT, tiny_model
 
 from ui import handlers as H
 from ui.engine import Engine, allowed_models
-from ui.layout import build_demo, load_examples
+from ui.layout import analytics_enabled, build_demo, load_examples
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,13 @@ def test_build_demo_constructs_without_launching(engine):
     assert isinstance(demo, gr.Blocks)
     api = [d for d in demo.fns.values() if d.api_name == "compare"]
     assert len(api) == 1 and api[0].api_visibility == "public"
+
+
+def test_gradio_analytics_are_off_unless_the_host_turns_them_on(engine, monkeypatch):
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    assert build_demo(engine).analytics_enabled is False
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    assert analytics_enabled() is True  # (building it would now phone home: the network guard stops that)
 
 
 def test_examples_cover_the_gallery_the_issue_asks_for():

@@ -26,6 +26,19 @@ CHROMIUM_FLAGS = [
     "--disable-gpu",
     "--disable-background-networking",
     "--disable-component-update",
+    # Offline: every host name but the app's fails to resolve, so background services
+    # (and the page's web fonts) look nothing up.
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--no-pings",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--disable-breakpad",
+    "--disable-client-side-phishing-detection",
+    "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,"
+    "CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions",
 ]
 
 pytestmark = pytest.mark.integration
@@ -42,7 +55,7 @@ def server():
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "app.log", "w")
-    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}  # with conftest's offline settings and network guard
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port)],
         cwd=ROOT,
@@ -72,7 +85,9 @@ def server():
 def test_compare_endpoint_answers_gradio_client(server):
     from gradio_client import Client
 
-    client = Client(server, verbose=False)
+    # Client's telemetry thread posts to the hub (huggingface_hub.send_telemetry) unless analytics_enabled
+    # is False: its default, True, wins over GRADIO_ANALYTICS_ENABLED (`analytics_enabled or env`).
+    client = Client(server, verbose=False, analytics_enabled=False)
     out = client.predict(
         prompt="What is the capital of France?",
         policies=["full", "h2o", "d2o"],
