@@ -211,6 +211,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
             api_visibility="private",
             concurrency_id="model",
         )
+        # However the run ended: Stop leaves an in-progress status behind, which becomes "Stopped ...".
+        # Gradio runs this once the server has ended the request, after its last streamed update.
+        event.then(H.run_ended, status, status, api_visibility="private", queue=False)
         stop.click(None, cancels=[event])
         chosen.change(
             _wire(H.columns_visible, outputs),
