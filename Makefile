@@ -19,8 +19,12 @@ $(STAMP): $(REQS)
 run: setup
 	$(BIN)/python app.py
 
+# Tests never touch the network (tests/conftest.py sets these too, and guards sockets).
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
+	GRADIO_ANALYTICS_ENABLED=False DO_NOT_TRACK=1
+
 test: setup
-	$(BIN)/python -m pytest -q
+	env $(OFFLINE) $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

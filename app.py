@@ -3,7 +3,8 @@
     python app.py [--host 127.0.0.1] [--port 7860] [--model NAME] [--no-preload]
 
 Environment: D2O_MODELS (comma-separated allowlist; first is the default), D2O_MODEL,
-D2O_DEVICE, D2O_CACHE_DIR, D2O_MAX_PROMPT_TOKENS, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
+D2O_DEVICE, D2O_CACHE_DIR, D2O_MAX_PROMPT_TOKENS, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT,
+GRADIO_ANALYTICS_ENABLED (Gradio's usage analytics; off unless "True").
 """
 
 from __future__ import annotations

@@ -1,52 +1,90 @@
-"""Shared fixtures: tiny random GQA Llama models (no downloads) and the bundled model (integration)."""
+"""Shared fixtures: tiny random GQA Llama models (no downloads), the bundled model, and no network.
+
+Tests never touch the network. The settings below are in place before anything imports huggingface_hub,
+transformers or gradio (they read them at import time; `make test` exports them too), and every
+subprocess a test starts inherits them. `netguard` fails any test during which this process, or a python
+subprocess it started, looked up or connected to a host other than loopback.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "DO_NOT_TRACK": "1",
+}
+os.environ.update(OFFLINE_ENV)
 
-import d2o_core
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # netguard and helpers, whatever the import mode
+import netguard  # noqa: E402 - the guard goes in before anything that might open a socket
 
-# Tests never touch the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+netguard.install()
+# Python subprocesses load netguard_site/sitecustomize.py: the same guard, reporting to this file.
+NETGUARD_LOG = Path(tempfile.mkdtemp(prefix="d2o-netguard-")) / "blocked.log"
+NETGUARD_LOG.touch()
+os.environ["D2O_NETGUARD_LOG"] = str(NETGUARD_LOG)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(HERE / "netguard_site"), os.environ.get("PYTHONPATH")) if p
+)
+
+import pytest  # noqa: E402
+from helpers import (  # noqa: E402, F401 - re-exported: `from conftest import ...` works as well
+    TEXT,
+    CharTokenizer,
+    held_positions,
+    policy_cache,
+    prefill_cache,
+    shared_prefill,
+    slot_of,
+    tiny_model,
+    walk,
+)
+
+import d2o_core  # noqa: E402
+from d2o_core import models  # noqa: E402
+
+_subprocess_log_read = 0
 
 
-class CharTokenizer:
-    """One token per ASCII character; no chat template, no EOS (tiny models never stop early)."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": [min(ord(c), 127) for c in text]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(int(i)) for i in ids)
+def network_attempts() -> list[str]:
+    """What was blocked since the last call, in this process and in python subprocesses (consumed)."""
+    global _subprocess_log_read
+    found, netguard.blocked[:] = list(netguard.blocked), []
+    with open(NETGUARD_LOG, encoding="utf-8") as f:
+        f.seek(_subprocess_log_read)
+        found += f.read().splitlines()
+        _subprocess_log_read = f.tell()
+    return found
 
 
-def tiny_model(layers: int = 4, heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype=torch.float32):
-    """A random Llama-style causal LM with grouped-query attention, built from a config."""
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=16,
-        max_position_embeddings=2048,
-        initializer_range=0.2,  # peakier attention than the default, so scores differ between tokens
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    return d2o_core.from_model(model, CharTokenizer(), name=f"tiny-{layers}x{heads}q{kv_heads}kv")
+@pytest.fixture(autouse=True)
+def no_network():
+    """Fails the test if anything tried to reach a host other than loopback meanwhile (even if caught)."""
+    yield
+    tried = network_attempts()
+    if tried:
+        pytest.fail("the network was used (tests must stay offline):\n  " + "\n  ".join(tried), pytrace=False)
+
+
+def pytest_sessionfinish(session):
+    tried = network_attempts()  # after the last test: background threads, subprocesses shutting down
+    if tried:
+        print("\nthe network was used (tests must stay offline):\n  " + "\n  ".join(tried), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(NETGUARD_LOG.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +98,8 @@ def bundled():
     return d2o_core.load_model()
 
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
-)
+@pytest.fixture
+def cli_tiny(monkeypatch, tiny):
+    """The command line loads the tiny model instead of the bundled one."""
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    return tiny

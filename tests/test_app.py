@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import time
 
 import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from conftest import TEXT, tiny_model
+from helpers import TEXT, tiny_model
 
 from ui import handlers as H
 from ui.engine import Engine, allowed_models
-from ui.layout import build_demo, load_examples
+from ui.layout import analytics_enabled, build_demo, load_examples
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,13 @@ def test_build_demo_constructs_without_launching(engine):
     assert isinstance(demo, gr.Blocks)
     api = [d for d in demo.fns.values() if d.api_name == "compare"]
     assert len(api) == 1 and api[0].api_visibility == "public"
+
+
+def test_gradio_analytics_are_off_unless_the_host_turns_them_on(engine, monkeypatch):
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    assert build_demo(engine).analytics_enabled is False
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    assert analytics_enabled() is True  # (building it would now phone home: the network guard stops that)
 
 
 def test_examples_cover_the_gallery_the_issue_asks_for():
@@ -98,6 +107,26 @@ def test_unexpected_failures_are_reported_without_a_trace(monkeypatch):
     assert "Traceback" not in str(info.value)
 
 
+def test_a_run_that_ends_early_says_stopped_and_a_finished_one_keeps_done(finished):
+    statuses = [o["status"] for o in finished if "status" in o]
+    assert statuses[-1].startswith("Done") and H.run_ended(statuses[-1]) == gr.skip()
+    for status in statuses[:-1]:  # Stop at any point of the run
+        assert H.run_ended(status).startswith("Stopped"), status
+    assert H.run_ended("Generating… step 7").startswith("Stopped after step 7;")
+    assert H.run_ended("Starting…") == "Stopped before the first token."
+    for untouched in ("", None, "Stopped after step 3; ..."):  # a request refused before it started
+        assert H.run_ended(untouched) == gr.skip()
+
+
+def test_closing_a_run_mid_stream_is_logged(engine, caplog):
+    run = H.run_comparison(engine, TEXT, ["full", "d2o"], 30, 12)
+    while "Generating" not in next(run).get("status", ""):
+        pass
+    with caplog.at_level("INFO", logger="ui.handlers"):
+        run.close()  # what Gradio does on Stop
+    assert "Generation stopped before the end" in caplog.text
+
+
 def test_controls_reach_the_policies():
     c = H.Controls(
         h2o_sinks=2,
@@ -148,15 +177,56 @@ def test_api_compare_returns_texts_and_metrics(engine):
         H.api_compare(engine, TEXT, ["full", "H2O"], 0.2, 5)
 
 
+def inside(thread: threading.Thread, fn) -> bool:
+    """Whether `thread` is executing `fn` right now (anywhere on its stack, e.g. waiting in it)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code is fn.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 def test_engine_loads_each_model_once_and_only_allowed_ones():
-    calls = []
-    engine = Engine(["a", "b"], loader=lambda name: calls.append(name) or name)
-    threads = [threading.Thread(target=engine.get) for _ in range(8)]
+    """Two first requests overlap for real: the second is inside Engine.get while the first still loads."""
+    calls, got = [], []
+    second: list[threading.Thread] = []
+    both_loading = threading.Barrier(2)
+
+    def slow_loader(name):
+        calls.append(name)
+        if name != "a":
+            return f"model {name}"
+        # Hold the load open until the second request has entered Engine.get ...
+        assert wait_until(lambda: second and inside(second[0], Engine.get), timeout=30)
+        # ... and give it a second to reach the loader as well: without the lock in get it does, at once.
+        try:
+            both_loading.wait(timeout=1.0)
+        except threading.BrokenBarrierError:
+            pass  # the second request waited: what the lock is for
+        return f"model {name}"
+
+    engine = Engine(["a", "b"], loader=slow_loader)
+    threads = [threading.Thread(target=lambda: got.append(engine.get()), daemon=True) for _ in range(2)]
+    threads[0].start()
+    assert wait_until(lambda: calls, timeout=30)  # the first request is loading
+    second.append(threads[1])
+    threads[1].start()
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert calls == ["a"] and engine.get("b") == "b" and calls == ["a", "b"]
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert calls == ["a"] and got == ["model a", "model a"]
+    assert engine.get("b") == "model b" and calls == ["a", "b"]
+    assert engine.get("a") == "model a" and calls == ["a", "b"]  # loaded once, then kept
     with pytest.raises(ValueError, match="not offered"):
         engine.get("someone/else")
 

@@ -10,17 +10,11 @@ import math
 
 import pytest
 
-from d2o_core import bench, models
+from d2o_core import bench
 from d2o_core.__main__ import main
 
 LENGTH = 300  # the smallest passkey prompt is ~240 characters (= tokens with the CharTokenizer)
 POLICY_KEYS = {"prefill_seconds", "decode_ms_per_token", "kv_bytes_final", "kv_bytes_peak"}
-
-
-@pytest.fixture
-def cli_tiny(monkeypatch, tiny):
-    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
-    return tiny
 
 
 def run(n, full=(2.0, 50.0), h2o=(4.0, 40.0), d2o=(5.0, 46.0), compare=9.0, single=3.0) -> dict:

@@ -7,6 +7,7 @@ skips when chromium or playwright is missing, unless D2O_REQUIRE_BROWSER=1 (CI s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,9 +27,36 @@ CHROMIUM_FLAGS = [
     "--disable-gpu",
     "--disable-background-networking",
     "--disable-component-update",
+    # Offline: every host name but the app's fails to resolve, so background services
+    # (and the page's web fonts) look nothing up.
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--no-pings",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--disable-breakpad",
+    "--disable-client-side-phishing-detection",
+    "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,"
+    "CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions",
 ]
 
 pytestmark = pytest.mark.integration
+STOPPED_LOG = "Generation stopped before the end"  # ui/handlers.py logs it when Stop closes a run
+
+
+def server_log() -> str:
+    return (ARTIFACTS / "app.log").read_text(errors="replace")
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def free_port() -> int:
@@ -42,7 +70,7 @@ def server():
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "app.log", "w")
-    env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}  # with conftest's offline settings and network guard
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port)],
         cwd=ROOT,
@@ -72,7 +100,9 @@ def server():
 def test_compare_endpoint_answers_gradio_client(server):
     from gradio_client import Client
 
-    client = Client(server, verbose=False)
+    # Client's telemetry thread posts to the hub (huggingface_hub.send_telemetry) unless analytics_enabled
+    # is False: its default, True, wins over GRADIO_ANALYTICS_ENABLED (`analytics_enabled or env`).
+    client = Client(server, verbose=False, analytics_enabled=False)
     out = client.predict(
         prompt="What is the capital of France?",
         policies=["full", "h2o", "d2o"],
@@ -134,18 +164,31 @@ def test_browser_example_run_streams_columns_and_draws_figures(server):
         )
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
         print(f"first complete result in {elapsed:.1f} s")
-        # Stop halts a run mid-stream without an error, and the next run works.
-        page.get_by_text("Summarise a story").first.click()
+        # Stop ends a run mid-stream: the server closes the generation, the page says so once the
+        # request has ended, and no token arrives after that. Then the next run works.
+        page.get_by_text("Summarise a story").first.click()  # 96 new tokens at most
         page.click("#run")
-        page.wait_for_function(
-            "() => document.querySelector('#status').innerText.includes('Generating')", timeout=120_000
+        page.wait_for_function(  # a few tokens in: mid-stream
+            "() => /Generating… step ([3-9]|[1-9][0-9])/.test(document.querySelector('#status').innerText)",
+            timeout=120_000,
         )
+        closed_before = server_log().count(STOPPED_LOG)
+        clicked = time.monotonic()
         page.click("#stop")
-        time.sleep(1)
+        page.wait_for_function(
+            "() => document.querySelector('#status').innerText.includes('Stopped')", timeout=60_000
+        )
+        latency = time.monotonic() - clicked
         stopped = page.input_value("#text-full textarea")
-        time.sleep(3)  # a run that was not stopped would keep streaming tokens meanwhile
+        status = page.inner_text("#status")
+        print(f"Stop ended the request in {latency:.2f} s ({status.split(';')[0]})")
+        assert latency < 30, latency
+        step = int(re.search(r"Stopped after step (\d+)", status)[1])
+        assert 3 <= step < 95
+        assert wait_until(lambda: server_log().count(STOPPED_LOG) > closed_before, timeout=30)
+        # The server has closed the generation and the page has its last update: nothing may follow.
         assert page.input_value("#text-full textarea") == stopped
-        assert "Done" not in page.inner_text("#status")
+        assert page.inner_text("#status") == status
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0
         page.get_by_text("Factual question").first.click()
         page.click("#run")

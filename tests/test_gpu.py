@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import TEXT, tiny_model
+from helpers import TEXT, tiny_model
 
 import d2o_core
 from d2o_core import POLICIES

@@ -65,12 +65,27 @@ def test_every_policy_at_full_budget_reproduces_the_full_cache(bundled, story):
         assert r.events.empty and r.metrics["kv_fraction"] == 1.0
 
 
-def test_full_cache_equals_transformers_generate(bundled):
-    prompt = "Explain in two sentences why the sky is blue."
-    res = d2o_core.generate(bundled, prompt, POLICIES["full"](), max_new_tokens=20)
+@pytest.mark.parametrize(
+    "prompt,max_new,stops_at",
+    [
+        ("Explain in two sentences why the sky is blue.", 20, "the token limit"),
+        ("What is the capital of France? Answer in one word.", 40, "an end token"),
+    ],
+)
+def test_full_cache_equals_transformers_generate(bundled, prompt, max_new, stops_at):
+    """Whole sequences, token for token: both stop at the same end tokens or at the same limit."""
+    res = d2o_core.generate(bundled, prompt, POLICIES["full"](), max_new_tokens=max_new)
     ids = d2o_core.runner.encode(bundled, prompt, chat=True)
-    out = bundled.model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
-    assert res.token_ids == out[0, len(ids) :].tolist()[: len(res.token_ids)]
+    eos = sorted(bundled.eos_ids)
+    out = bundled.model.generate(
+        torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
+    )
+    theirs = out[0, len(ids) :].tolist()
+    assert res.token_ids == theirs and len(res.token_ids) == len(theirs)
+    if stops_at == "an end token":
+        assert len(theirs) < max_new and theirs[-1] in eos and theirs.count(theirs[-1]) == 1
+    else:
+        assert len(theirs) == max_new and not set(theirs) & set(eos)
 
 
 def test_the_bundled_model_loads_from_the_conversion_cache(bundled):

@@ -7,12 +7,10 @@ import threading
 
 import pytest
 import torch
-from conftest import TEXT, tiny_model
+from helpers import TEXT, held_positions, prefill_cache, slot_of, tiny_model, walk
 
 import d2o_core
 from d2o_core import runner
-from d2o_core.cache import PolicyCache, PrefillCache
-from d2o_core.events import EventLog
 from d2o_core.policies import POLICIES
 
 # Every registry entry, plus the D2O settings whose code paths differ.
@@ -35,33 +33,6 @@ def test_matrix_covers_every_registered_policy():
 
 def make(name, budget, **kw):
     return POLICIES[name](budget=budget, **kw)
-
-
-def walk(lm, ids, policy, steps, feed=None):
-    """Prefill, compress, then decode `steps` tokens; yields (step, cache, logits) after each."""
-    prefill = PrefillCache(lm.n_layers, record=True)
-    logits = runner._prefill(lm, prefill, ids)
-    cache = PolicyCache.from_prefill(prefill, policy, extra=steps + 1, log=EventLog())
-    yield 0, cache, logits
-    for step in range(1, steps + 1):
-        token = feed[step - 1] if feed is not None else int(logits.argmax())
-        logits = runner._step(lm, cache, token, step)
-        yield step, cache, logits
-
-
-def held_positions(layer) -> list[list[int]]:
-    """Per kv-head, the original positions of the entries the layer holds now."""
-    out = []
-    for h in range(layer.keys.shape[1]):
-        slots = set(range(layer.used))
-        if layer.hole is not None:
-            slots.discard(int(layer.hole[h]))
-        out.append(sorted(int(layer.positions[h, s]) for s in slots))
-    return out
-
-
-def slot_of(layer, head: int, position: int) -> int:
-    return int((layer.positions[head, : layer.used] == position).nonzero()[0])
 
 
 PROMPT = [ord(c) for c in TEXT[:40]]
@@ -222,9 +193,7 @@ def test_layers_that_never_evict_grow_past_their_room_without_changing_anything(
     """Uncapped layers get room for `extra` tokens; going past it moves the pool, keeping every entry."""
     policy = make(name, 0.3, **kw)
     roomy = [logits for _, _, logits in walk(tiny, PROMPT, policy, 15)]
-    prefill = PrefillCache(tiny.n_layers, record=True)
-    runner._prefill(tiny, prefill, PROMPT)
-    cache = PolicyCache.from_prefill(prefill, policy, extra=1, log=EventLog())
+    cache, _ = prefill_cache(tiny, PROMPT, policy, extra=1)
     tight = [
         runner._step(tiny, cache, int(logits.argmax()), step) for step, logits in enumerate(roomy[:-1], 1)
     ]

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEXT
+from helpers import TEXT, held_positions, prefill_cache, walk
 from transformers import AttentionInterface, DynamicCache
 
-from d2o_core import POLICIES, runner
-from d2o_core.cache import PolicyCache, PrefillCache
-from d2o_core.events import EventLog
+from d2o_core import POLICIES
 
 
 class MaskedReference:
@@ -73,25 +71,12 @@ class MaskedReference:
 
 
 def engine_trace(lm, ids, policy, feed):
-    prefill = PrefillCache(lm.n_layers, record=True)
-    logits = [runner._prefill(lm, prefill, ids)]
-    cache = PolicyCache.from_prefill(prefill, policy, extra=len(feed) + 1, log=EventLog())
-    kept = [held(cache)]
-    for step, token in enumerate(feed, start=1):
-        logits.append(runner._step(lm, cache, token, step))
-        kept.append(held(cache))
+    """The engine's logits and held positions (per layer, per kv-head) after the prompt and each fed token."""
+    logits, kept = [], []
+    for _, cache, out in walk(lm, ids, policy, len(feed), feed=feed):
+        logits.append(out)
+        kept.append([held_positions(layer) for layer in cache.layers])
     return logits, kept
-
-
-def held(cache):
-    out = []
-    for layer in cache.layers:
-        rows = []
-        for h in range(layer.keys.shape[1]):
-            slots = set(range(layer.used)) - ({int(layer.hole[h])} if layer.hole is not None else set())
-            rows.append(sorted(int(layer.positions[h, s]) for s in slots))
-        out.append(rows)
-    return out
 
 
 def reference_trace(lm, ids, plans, use_scores, feed):
@@ -126,16 +111,8 @@ def test_engine_keeps_what_a_masked_full_cache_reference_keeps(tiny, name, kw, b
     feed = [ord(c) for c in TEXT[48:72]]
     policy = POLICIES[name](budget=budget, **kw)
     logits, kept = engine_trace(tiny, ids, policy, feed)
-    plans = [
-        layer.plan for layer in PolicyCache.from_prefill(_prefill(tiny, ids), policy, 1, EventLog()).layers
-    ]
+    plans = [layer.plan for layer in prefill_cache(tiny, ids, policy)[0].layers]
     ref_logits, ref_kept = reference_trace(tiny, ids, plans, policy.needs_scores, feed)
     assert kept == ref_kept
     for a, b in zip(logits, ref_logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-
-
-def _prefill(lm, ids):
-    prefill = PrefillCache(lm.n_layers, record=True)
-    runner._prefill(lm, prefill, ids)
-    return prefill

@@ -6,18 +6,16 @@ import math
 
 import pytest
 import torch
-from conftest import TEXT, tiny_model
+from helpers import TEXT, policy_cache, shared_prefill, tiny_model
 
 import d2o_core
 from d2o_core import POLICIES, metrics, runner
-from d2o_core.cache import PolicyCache, PrefillCache
 from d2o_core.events import (
     DRIFT_SCHEMA,
     EVENTS_SCHEMA,
     LAYER_BUDGETS_SCHEMA,
     STEPS_SCHEMA,
     SURVIVAL_SCHEMA,
-    EventLog,
     check_schema,
 )
 
@@ -129,10 +127,9 @@ def test_compare_shares_one_prefill_and_decodes_as_one_batch_yet_matches_separat
 
 def brute_force_drift(lm, ids, policy, ref_tokens):
     """Teacher forcing done the slow way: both caches fed the reference tokens from the start."""
-    prefill = PrefillCache(lm.n_layers, record=True)
-    runner._prefill(lm, prefill, ids)
-    full = PolicyCache.from_prefill(prefill, POLICIES["full"](), len(ref_tokens), EventLog())
-    mine = PolicyCache.from_prefill(prefill, policy, len(ref_tokens), EventLog())
+    prefill, _ = shared_prefill(lm, ids)
+    full = policy_cache(prefill, POLICIES["full"](), len(ref_tokens))
+    mine = policy_cache(prefill, policy, len(ref_tokens))
     rows = []
     for step in range(1, len(ref_tokens)):
         a = torch.log_softmax(runner._step(lm, full, ref_tokens[step - 1], step).float(), -1)
@@ -274,11 +271,10 @@ def test_caches_are_freed_as_soon_as_a_run_ends(tiny):
     import gc
     import weakref
 
-    prefill = PrefillCache(tiny.n_layers, record=True)
-    runner._prefill(tiny, prefill, [ord(c) for c in TEXT])
+    prefill, _ = shared_prefill(tiny, [ord(c) for c in TEXT])
     gc.disable()
     try:
-        cache = PolicyCache.from_prefill(prefill, POLICIES["d2o"](budget=0.3), 4, EventLog())
+        cache = policy_cache(prefill, POLICIES["d2o"](budget=0.3), 4)
         runner._step(tiny, cache, 65, 1)
         fork = cache.clone()
         alive = [weakref.ref(cache), weakref.ref(fork), weakref.ref(cache.layers[0])]
@@ -290,11 +286,10 @@ def test_caches_are_freed_as_soon_as_a_run_ends(tiny):
 
 def test_a_compressed_cache_allocates_only_its_budget(tiny):
     """Regression: capped layers were given room for the whole prompt, so compression saved no memory."""
-    prefill = PrefillCache(tiny.n_layers, record=True)
-    runner._prefill(tiny, prefill, [ord(c) for c in TEXT])
+    prefill, _ = shared_prefill(tiny, [ord(c) for c in TEXT])
     for name in ("streaming", "h2o", "d2o"):
-        cache = PolicyCache.from_prefill(prefill, POLICIES[name](budget=0.2), 8, EventLog())
+        cache = policy_cache(prefill, POLICIES[name](budget=0.2), 8)
         budgets = sum(layer.plan.budget for layer in cache.layers)
         assert cache.kv.shape[2] == budgets + tiny.n_layers, name  # one spare slot per layer
-    full = PolicyCache.from_prefill(prefill, POLICIES["full"](), 8, EventLog())
+    full = policy_cache(prefill, POLICIES["full"](), 8)
     assert full.kv.shape[2] == tiny.n_layers * (len(TEXT) + 8)

@@ -11,7 +11,7 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import TEXT
+from helpers import TEXT
 
 from d2o_core import models, results, runner, sweep, tasks
 from d2o_core.__main__ import main
@@ -24,13 +24,6 @@ SMALL = dict(tasks=["passkey", "kv"], lengths=[LENGTH], depths=[0.5], budgets=[0
 @pytest.fixture(scope="module")
 def frame(tiny):
     return sweep.run_sweep(tiny, **SMALL, policy_names=["full", "h2o", "d2o"], samples=1, max_new_tokens=4)
-
-
-@pytest.fixture
-def cli_tiny(monkeypatch, tiny):
-    """The CLI loads the tiny model instead of the bundled one."""
-    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
-    return tiny
 
 
 def test_run_sweep_has_one_row_per_sample_policy_and_budget(frame):

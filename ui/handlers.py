@@ -116,8 +116,32 @@ def run_comparison(
     controls: Controls | None = None,
 ):
     """Stream a comparison: yields dicts of output name -> value (texts per step, then figures)."""
-    with page_errors("Generation"):
-        yield from _run(engine, prompt, names, budget_percent, max_new_tokens, model, controls or Controls())
+    try:
+        with page_errors("Generation"):
+            yield from _run(
+                engine, prompt, names, budget_percent, max_new_tokens, model, controls or Controls()
+            )
+    except GeneratorExit:  # Gradio closes the generator on Stop (and when the page goes away)
+        log.info("Generation stopped before the end (Stop, or the page was closed).")
+        raise
+
+
+IN_PROGRESS = ("Starting", "Loading", "Reading", "Generating")  # the status lines of a run under way
+
+
+def run_ended(status: str | None):
+    """The status once a comparison's event has ended, however it ended (wired with Gradio's `.then`).
+
+    A run cut short by Stop still shows an in-progress line: say that it stopped, and where. A finished
+    run ("Done: ...") and a request refused before it started (an earlier line) stay as they are.
+    """
+    status = status or ""
+    if status.startswith("Generating"):
+        step = status.rpartition("step ")[2].strip(" .…")
+        return f"Stopped after step {step}; the texts above are what each policy wrote until then."
+    if status.startswith(IN_PROGRESS):
+        return "Stopped before the first token."
+    return gr.skip()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -42,6 +43,14 @@ TIPS = {
 
 def load_examples() -> list[dict]:
     return json.loads((ASSETS / "examples.json").read_text(encoding="utf-8"))
+
+
+def analytics_enabled() -> bool:
+    """Gradio's usage analytics: off unless the host sets GRADIO_ANALYTICS_ENABLED=True.
+
+    Gradio's own default is on; an offline research tool should not phone home unasked.
+    """
+    return os.environ.get("GRADIO_ANALYTICS_ENABLED", "False") == "True"
 
 
 def launch_options() -> dict:
@@ -115,7 +124,7 @@ def _wire(handler, outputs: dict):
 def build_demo(engine: Engine) -> gr.Blocks:
     """The whole page for `engine`'s models (built, not launched)."""
     examples = load_examples()
-    with gr.Blocks(title="D2O Cache Explorer") as demo:
+    with gr.Blocks(title="D2O Cache Explorer", analytics_enabled=analytics_enabled()) as demo:
         gr.Markdown(
             "# D2O Cache Explorer\nSee what KV-cache compression does to a language model: the same prompt, "
             "generated with several cache policies side by side, and what each one kept, evicted and merged."
@@ -202,6 +211,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
             api_visibility="private",
             concurrency_id="model",
         )
+        # However the run ended: Stop leaves an in-progress status behind, which becomes "Stopped ...".
+        # Gradio runs this once the server has ended the request, after its last streamed update.
+        event.then(H.run_ended, status, status, api_visibility="private", queue=False)
         stop.click(None, cancels=[event])
         chosen.change(
             _wire(H.columns_visible, outputs),

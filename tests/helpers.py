@@ -1,0 +1,104 @@
+"""Helpers the test files share: tiny random models, a sample text, and the engine step by step.
+
+Import them with `from helpers import ...` (tests/ is on sys.path under pytest; `conftest` re-exports
+the same names). Fixtures (`tiny`, `bundled`, `cli_tiny`) live in `conftest.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import d2o_core
+from d2o_core import runner
+from d2o_core.cache import PolicyCache, PrefillCache
+from d2o_core.events import EventLog
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+)
+
+
+class CharTokenizer:
+    """One token per ASCII character; no chat template, no EOS (tiny models never stop early)."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [min(ord(c), 127) for c in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(int(i)) for i in ids)
+
+
+def tiny_model(layers: int = 4, heads: int = 4, kv_heads: int = 2, seed: int = 0, dtype=torch.float32):
+    """A random Llama-style causal LM with grouped-query attention, built from a config (no downloads)."""
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=2048,
+        initializer_range=0.2,  # peakier attention than the default, so scores differ between tokens
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return d2o_core.from_model(model, CharTokenizer(), name=f"tiny-{layers}x{heads}q{kv_heads}kv")
+
+
+def shared_prefill(lm, ids: list[int]) -> tuple[PrefillCache, torch.Tensor]:
+    """The prompt read once, attention scores recorded (any policy may need them): (prefill, last logits)."""
+    prefill = PrefillCache(lm.n_layers, record=True)
+    logits = runner._prefill(lm, prefill, ids)
+    return prefill, logits
+
+
+def policy_cache(prefill: PrefillCache, policy, extra: int = 1) -> PolicyCache:
+    """`policy`'s compressed cache from a shared prefill, with room for `extra` tokens and its own log."""
+    return PolicyCache.from_prefill(prefill, policy, extra=extra, log=EventLog())
+
+
+def prefill_cache(lm, ids: list[int], policy, extra: int = 1) -> tuple[PolicyCache, torch.Tensor]:
+    """Prefill `ids` and compress for `policy`: (cache, the prompt's last logits)."""
+    prefill, logits = shared_prefill(lm, ids)
+    return policy_cache(prefill, policy, extra), logits
+
+
+def walk(lm, ids, policy, steps: int, feed=None) -> Iterator[tuple[int, PolicyCache, torch.Tensor]]:
+    """Prefill, compress, then decode `steps` tokens; yields (step, cache, logits) after each.
+
+    Step 0 is the compressed prompt. Each step feeds `feed[step - 1]`, or the greedy choice without `feed`.
+    The cache is the same object throughout (clone it to keep a step's state).
+    """
+    cache, logits = prefill_cache(lm, ids, policy, extra=steps + 1)
+    yield 0, cache, logits
+    for step in range(1, steps + 1):
+        token = feed[step - 1] if feed is not None else int(logits.argmax())
+        logits = runner._step(lm, cache, token, step)
+        yield step, cache, logits
+
+
+def held_positions(layer) -> list[list[int]]:
+    """Per kv-head, the original positions of the entries the layer holds now."""
+    out = []
+    for h in range(layer.keys.shape[1]):
+        slots = set(range(layer.used))
+        if layer.hole is not None:
+            slots.discard(int(layer.hole[h]))
+        out.append(sorted(int(layer.positions[h, s]) for s in slots))
+    return out
+
+
+def slot_of(layer, head: int, position: int) -> int:
+    """The slot where kv-head `head` of `layer` holds original position `position`."""
+    return int((layer.positions[head, : layer.used] == position).nonzero()[0])
