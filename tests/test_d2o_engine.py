@@ -18,12 +18,11 @@ import math
 
 import pytest
 import torch
-from conftest import TEXT, tiny_model
+from helpers import TEXT, held_positions, policy_cache, shared_prefill, tiny_model
 
-from d2o_core import POLICIES, runner
-from d2o_core.cache import PolicyCache, PrefillCache
+from d2o_core import POLICIES
+from d2o_core.cache import PolicyCache
 from d2o_core.capture import observing
-from d2o_core.events import EventLog
 
 LAYERS, N_PROMPT, STEPS = 5, 48, 24
 PROMPT = [ord(c) for c in (TEXT * 2)[:N_PROMPT]]
@@ -107,22 +106,17 @@ def entry(layer, head: int, position: int, which: str = "keys") -> torch.Tensor:
 
 
 def held(layer) -> list[set]:
-    rows = []
-    for h in range(layer.positions.shape[0]):
-        slots = set(range(layer.used)) - ({int(layer.hole[h])} if layer.hole is not None else set())
-        rows.append({int(layer.positions[h, s]) for s in slots})
-    return rows
+    return [set(row) for row in held_positions(layer)]
 
 
 # -- the engine, as it runs ---------------------------------------------------------------------------
 
 
-def compressed(lm, policy) -> tuple[PrefillCache, PolicyCache]:
-    prefill = PrefillCache(lm.n_layers, record=True)
-    runner._prefill(lm, prefill, PROMPT)
+def compressed(lm, policy) -> tuple[list, PolicyCache]:
+    """The prompt's uncompressed (keys, values) per layer, and the policy's compressed cache."""
+    prefill, _ = shared_prefill(lm, PROMPT)
     keep = [(layer.keys.clone(), layer.values.clone()) for layer in prefill.layers]
-    cache = PolicyCache.from_prefill(prefill, policy, extra=STEPS + 1, log=EventLog())
-    return keep, cache
+    return keep, policy_cache(prefill, policy, extra=STEPS + 1)
 
 
 class Spy:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TEXT, tiny_model
+from helpers import TEXT, held_positions, tiny_model
 
 import d2o_core
 from d2o_core import POLICIES, runner, serving
@@ -26,14 +26,7 @@ IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for name, kw in M
 
 
 def held(cache) -> list:
-    out = []
-    for layer in cache.layers:
-        rows = []
-        for h in range(layer.positions.shape[0]):
-            slots = set(range(layer.used)) - ({int(layer.hole[h])} if layer.hole is not None else set())
-            rows.append(sorted(int(layer.positions[h, s]) for s in slots))
-        out.append(rows)
-    return out
+    return [held_positions(layer) for layer in cache.layers]
 
 
 @pytest.mark.parametrize("name,kw", MATRIX, ids=IDS)
