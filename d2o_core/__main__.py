@@ -133,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     _generation_args(p, "full,h2o,d2o")
     p = sub.add_parser("run", help="generate with one policy, streaming the text")
     _generation_args(p, "d2o")
-    from . import bench, results, sweep  # noqa: PLC0415 - keeps `compare` start-up light
+    from . import batch_step, bench, results, sweep  # noqa: PLC0415 - keeps `compare` start-up light
 
     sweep.add_parser(sub, _model_args)
     bench.add_parser(sub, _model_args)
     results.add_parser(sub, _model_args)
+    batch_step.add_parser(sub, _model_args)
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":

@@ -156,3 +156,14 @@ def test_release_gives_rows_their_own_storage_back():
     before = held(caches[0])
     runner._step(lm, caches[0], 67, 2)  # a released row decodes on its own
     assert held(caches[0]) != before
+
+
+def test_batch_step_benchmark_reports_ratios_against_the_floor(tiny):
+    from d2o_core.batch_step import run_batch_step
+
+    out = run_batch_step(tiny, prompt_tokens=300, budget=0.25, rows=3, policies=["h2o", "d2o"], steps=2)
+    assert set(out["policies"]) == {"h2o", "d2o"} and out["floor"]["entries"] > 0
+    for stats in [*out["policies"].values(), out["floor"]]:
+        assert stats["batch_ms"] > 0 and stats["one_ms"] > 0 and stats["ratio"] > 0
+    with pytest.raises(ValueError, match="rows must be at least 2"):
+        run_batch_step(tiny, prompt_tokens=300, budget=0.25, rows=1, policies=["h2o"])
