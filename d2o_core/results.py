@@ -4,7 +4,7 @@ What this module is: the fixed settings (RESULTS_SWEEP, RESULTS_BENCH, RESULTS_T
 markdown tables built from their results, and the rewrite of two README blocks: between
 `<!-- results:start -->` and `<!-- results:end -->` (sweep and bench) and between
 `<!-- throughput:start -->` and `<!-- throughput:end -->` (throughput under a KV cap, whose JSON
-also goes to `assets/throughput.json` for the app). Nothing else in the file changes.
+also goes to `assets/throughput.json` beside the README, for the app). Nothing else in the file changes.
 `--no-throughput` skips the throughput part; `--throughput-only` runs only it, and with
 `--throughput-from FILE` (a `throughput --json` output) rewrites its block without running.
 
@@ -152,7 +152,7 @@ def run_throughput_part(args, lm=None) -> None:
         lm = lm or bench.load(args)
         with bench.progress_bar("results: throughput") as progress:
             doc = jsonable(throughput.run_throughput(lm, **RESULTS_THROUGHPUT, progress=progress))
-    out = Path(args.throughput_json)
+    out = Path(args.throughput_json or Path(args.readme).parent / "assets" / "throughput.json")
     if not args.throughput_from or out.resolve() != Path(args.throughput_from).resolve():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2))
@@ -208,7 +208,9 @@ def add_parser(sub, model_args: Callable) -> None:
         help="with --throughput-only: rewrite the block from this `throughput --json` file, without running",
     )  # fmt: skip
     p.add_argument(
-        "--throughput-json", default="assets/throughput.json", help="where the throughput JSON goes (the app)"
+        "--throughput-json",
+        default=None,
+        help="where the throughput JSON goes (default: assets/ beside --readme)",
     )
     model_args(p)
     p.set_defaults(func=cmd_results)

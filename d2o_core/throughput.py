@@ -215,6 +215,7 @@ def run_throughput(
 
 
 def print_report(doc: dict) -> None:
+    """Every row as a table, the ratio sentences and the settings, on standard output."""
     fmt = lambda x: f"{x:.3g}"
     print(table(doc).to_string(index=False, float_format=fmt))
     print()
