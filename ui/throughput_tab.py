@@ -22,6 +22,7 @@ import pandas as pd
 
 from d2o_core import throughput_report
 from d2o_core.report import jsonable
+from d2o_core.throughput import check_batches, make_policies, run_throughput
 
 from . import throughput_figures as TF
 from .engine import Engine, gpu
@@ -161,8 +162,6 @@ class _Worker:
 
 @gpu
 def _measure(lm, options: dict, progress) -> dict:
-    from d2o_core.throughput import run_throughput  # noqa: PLC0415 - only a live run needs it
-
     return run_throughput(lm, **options, progress=progress)
 
 
@@ -184,8 +183,6 @@ def run_live(
             prompt_tokens=int(prompt_tokens), new_tokens=int(new_tokens), budget=float(budget_percent) / 100,
             policies=list(policies), batches=sorted(int(b) for b in batches) if batches else None,
         )  # fmt: skip
-        from d2o_core.throughput import check_batches, make_policies  # noqa: PLC0415
-
         make_policies(options["policies"], options["budget"])  # bad input: a sentence before any work
         if options["batches"]:
             check_batches(options["batches"])
