@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-model.txt
 
-.PHONY: setup run test lint results bench clean
+.PHONY: setup run test lint results throughput bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ lint: setup
 
 results: setup
 	$(BIN)/python -m d2o_core results --readme README.md
+
+throughput: setup
+	$(BIN)/python -m d2o_core results --readme README.md --throughput-only
 
 bench: setup
 	$(BIN)/python -m d2o_core bench --prompt-tokens 512,1024,2048 --budget 0.2 --new-tokens 32

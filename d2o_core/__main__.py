@@ -1,13 +1,12 @@
-"""Command line: `python -m d2o_core {run,compare,sweep,bench,results} ...` (see --help of each).
+"""Command line: `python -m d2o_core {run,compare,sweep,bench,throughput,results} ...` (see --help of each).
 
 What this module is: argument parsing and printing only; the work is in runner.py,
-sweep.py and bench.py.
+sweep.py, bench.py and throughput.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,23 +17,11 @@ from .runner import iter_compare
 from .shapes import NOTICE
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def policies_from_args(names: str, budget: float, assignments: list[str]) -> list:
     """`--policies full,h2o --budget 0.2 --set d2o.variant=official` -> Policy objects."""
-    settings: dict[str, dict] = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        name, dot, field = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--set takes policy.setting=value, e.g. d2o.variant=official; got {item!r}.")
-        value = _value(value)
-        settings.setdefault(name, {})[field] = tuple(value) if isinstance(value, list) else value
+    from .throughput import settings_from_args  # noqa: PLC0415 - keeps `compare` start-up light
+
+    settings = settings_from_args(assignments)
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unused = sorted(set(settings) - set(chosen))
     if unused:
@@ -133,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     _generation_args(p, "full,h2o,d2o")
     p = sub.add_parser("run", help="generate with one policy, streaming the text")
     _generation_args(p, "d2o")
-    from . import batch_step, bench, results, sweep  # noqa: PLC0415 - keeps `compare` start-up light
+    from . import batch_step, bench, results, sweep, throughput  # noqa: PLC0415 - light `compare` start-up
 
     sweep.add_parser(sub, _model_args)
     bench.add_parser(sub, _model_args)
+    throughput.add_parser(sub, _model_args)
     results.add_parser(sub, _model_args)
     batch_step.add_parser(sub, _model_args)
     args = parser.parse_args(argv)

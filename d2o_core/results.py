@@ -1,14 +1,19 @@
-"""`python -m d2o_core results` (`make results`): rerun a fixed sweep and benchmark, rewrite README's tables.
+"""`python -m d2o_core results` (`make results`): rerun fixed measurements, rewrite README's tables.
 
-What this module is: the fixed settings (RESULTS_SWEEP, RESULTS_BENCH), the markdown tables
-built from their frames, and the rewrite of the README block between
-`<!-- results:start -->` and `<!-- results:end -->` (nothing else in the file changes).
+What this module is: the fixed settings (RESULTS_SWEEP, RESULTS_BENCH, RESULTS_THROUGHPUT), the
+markdown tables built from their results, and the rewrite of two README blocks: between
+`<!-- results:start -->` and `<!-- results:end -->` (sweep and bench) and between
+`<!-- throughput:start -->` and `<!-- throughput:end -->` (throughput under a KV cap, whose JSON
+also goes to `assets/throughput.json` beside the README, for the app). Nothing else in the file changes.
+`--no-throughput` skips the throughput part; `--throughput-only` runs only it, and with
+`--throughput-from FILE` (a `throughput --json` output) rewrites its block without running.
 
-What it is not: the sweep and the benchmark themselves (sweep.py, bench.py).
+What it is not: the measurements themselves (sweep.py, bench.py, throughput.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -19,12 +24,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import bench
+from . import bench, throughput_report
 from .report import jsonable
 from .shapes import NOTICE
 from .sweep import fidelity_table, run_sweep, score_table
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+TP_START, TP_END = "<!-- throughput:start -->", "<!-- throughput:end -->"
 # `make results`: 24 compare calls of 7 policies, then `make bench`'s settings; ~7-10 minutes in
 # all on a 2-core CPU with the bundled model (measured). kv answers restate the 8-hex key before
 # the value: ~24 tokens with SmolLM2's tokenizer.
@@ -33,6 +39,13 @@ RESULTS_SWEEP = dict(
     budgets=(0.2, 0.4), policy_names=("full", "streaming", "h2o", "d2o"), max_new_tokens=24, seed=0,
 )  # fmt: skip
 RESULTS_BENCH = dict(prompt_tokens=(512, 1024, 2048), budget=0.2, new_tokens=32, repeats=3, load=True)
+# Largest batch under one full-cache row's KV for each policy, then a batch-size sweep of three:
+# ~65 prefills of 2048 tokens plus their decodes, several minutes more on a 2-core CPU.
+RESULTS_THROUGHPUT = dict(
+    prompt_tokens=2048, budget=0.2, new_tokens=32,
+    policies=("full", "streaming", "h2o", "d2o", "d2o:official"),
+    batches=(1, 2, 4, 8), sweep_policies=("full", "h2o", "d2o"),
+)  # fmt: skip
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -48,11 +61,11 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def replace_block(text: str, block: str) -> str | None:
-    """`text` with the lines between the START and END marker lines replaced; None without both."""
+def replace_block(text: str, block: str, start: str = START, end: str = END) -> str | None:
+    """`text` with the lines between the `start` and `end` marker lines replaced; None without both."""
     lines = text.splitlines(keepends=True)
-    marks = [i for i, line in enumerate(lines) if line.strip() in (START, END)]
-    if len(marks) != 2 or lines[marks[0]].strip() != START or lines[marks[1]].strip() != END:
+    marks = [i for i, line in enumerate(lines) if line.strip() in (start, end)]
+    if len(marks) != 2 or lines[marks[0]].strip() != start or lines[marks[1]].strip() != end:
         return None
     return "".join(lines[: marks[0] + 1]) + block.rstrip("\n") + "\n" + "".join(lines[marks[1] :])
 
@@ -93,8 +106,67 @@ def results_block(df: pd.DataFrame, doc: dict, seconds: float) -> str:
     )
 
 
+def throughput_block(doc: dict) -> str:
+    """The README throughput block: settings and machine, the table at the cap, the sweep, the ratios."""
+    m = doc["machine"]
+    sweep = throughput_report.sweep_table(doc)
+    return "\n".join(
+        [
+            f"Measured {doc.get('date', 'on an unrecorded date')} ({doc['wall_seconds'] / 60:.1f} min): "
+            f"{m['model']} ({m['dtype']}) on {m['cpu']}, {m['cores']} cores, device {m['device']}; "
+            f"{doc['prompt_tokens']} prompt tokens per row, budget {100 * doc['budget']:g} %, "
+            f"{doc['new_tokens']} new tokens per row (EOS ignored), one timed run per point after a warm-up; "
+            f"cap {doc['kv_mb_cap']:.1f} MB of KV per batch"
+            + (" (one full-cache row)." if doc.get("kv_cap_default", True) else ".")
+            + (f" Note: {NOTICE}" if m.get("shape_only") else ""),
+            "",
+            markdown(throughput_report.cap_table(doc)),
+            "",
+            *[f"- {line}" for line in throughput_report.ratio_lines(doc)],
+            *(
+                ["", "Tokens/s by batch size, regardless of the cap:", "", markdown(sweep)]
+                if len(sweep)
+                else []
+            ),
+        ]
+    )
+
+
+def _rewrite(readme: Path, block: str, start: str, end: str) -> bool:
+    """Replace `readme`'s block between `start` and `end`; False (and the block printed) without one."""
+    new = replace_block(readme.read_text(), block, start, end) if readme.is_file() else None
+    if new is None:
+        print(block + f"\n\n{readme} was not changed: it has no {start} ... {end} block.")
+        return False
+    readme.write_text(new)
+    return True
+
+
+def run_throughput_part(args, lm=None) -> None:
+    """Run RESULTS_THROUGHPUT (or read `--throughput-from`), write its JSON and README block."""
+    from . import throughput  # noqa: PLC0415 - only this part needs it
+
+    if args.throughput_from:
+        doc = json.loads(Path(args.throughput_from).read_text())
+    else:
+        lm = lm or bench.load(args)
+        with bench.progress_bar("results: throughput") as progress:
+            doc = jsonable(throughput.run_throughput(lm, **RESULTS_THROUGHPUT, progress=progress))
+    out = Path(args.throughput_json or Path(args.readme).parent / "assets" / "throughput.json")
+    if not args.throughput_from or out.resolve() != Path(args.throughput_from).resolve():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2))
+    if _rewrite(Path(args.readme), throughput_block(doc), TP_START, TP_END):
+        print(f"rewrote the throughput block of {args.readme}; wrote {out}", file=sys.stderr)
+
+
 def cmd_results(args) -> int:
     readme = Path(args.readme)
+    if args.throughput_from and not args.throughput_only:
+        raise ValueError("--throughput-from rewrites only the throughput block: add --throughput-only.")
+    if args.throughput_only:
+        run_throughput_part(args)
+        return 0
     if not readme.is_file() or replace_block(readme.read_text(), "") is None:
         print(f"{readme} has no {START} ... {END} block: the tables will only be printed.", file=sys.stderr)
     start = time.perf_counter()
@@ -111,22 +183,34 @@ def cmd_results(args) -> int:
     df.to_csv(out / "sweep.csv", index=False)
     (out / "bench.json").write_text(json.dumps(jsonable(doc), indent=2))
     (out / "results.md").write_text(block + "\n")
-    new = replace_block(readme.read_text(), block) if readme.is_file() else None
-    if new is None:
-        print(block + f"\n\n{readme} was not changed: it has no {START} ... {END} block.")
-    else:
-        readme.write_text(new)
+    if _rewrite(readme, block, START, END):
         print(
             f"rewrote the results block of {readme}; wrote {out}/sweep.csv, bench.json, results.md",
             file=sys.stderr,
         )
+    if args.throughput:
+        run_throughput_part(args, lm)
     return 0
 
 
 def add_parser(sub, model_args: Callable) -> None:
     """Add the `results` subcommand to the CLI's subparsers."""
-    p = sub.add_parser("results", help="rerun the fixed sweep and benchmark; rewrite README's results block")
+    p = sub.add_parser("results", help="rerun the fixed measurements; rewrite README's results blocks")
     p.add_argument("--readme", default="README.md", help=f"file whose {START} ... {END} block is rewritten")
     p.add_argument("--out", default="results", help="folder for sweep.csv, bench.json and results.md")
+    p.add_argument(
+        "--throughput", action=argparse.BooleanOptionalAction, default=True,
+        help="also run the throughput benchmark (2048 prompt tokens; several minutes on a CPU)",
+    )  # fmt: skip
+    p.add_argument("--throughput-only", action="store_true", help="run only the throughput part")
+    p.add_argument(
+        "--throughput-from", default=None, metavar="FILE",
+        help="with --throughput-only: rewrite the block from this `throughput --json` file, without running",
+    )  # fmt: skip
+    p.add_argument(
+        "--throughput-json",
+        default=None,
+        help="where the throughput JSON goes (default: assets/ beside --readme)",
+    )
     model_args(p)
     p.set_defaults(func=cmd_results)

@@ -195,6 +195,8 @@ def small_results(cli_tiny, monkeypatch):
         prompt_tokens=(LENGTH,), budget=0.5, new_tokens=2, repeats=1, load=False, policy_names=("full", "h2o")
     )
     monkeypatch.setattr(results, "RESULTS_BENCH", bench)
+    throughput = dict(prompt_tokens=LENGTH, budget=0.5, new_tokens=2, policies=("full", "h2o"), batches=(1,))
+    monkeypatch.setattr(results, "RESULTS_THROUGHPUT", throughput)
 
 
 def test_results_rewrites_the_readme_block_and_writes_the_files(small_results, tmp_path):
@@ -211,6 +213,9 @@ def test_results_rewrites_the_readme_block_and_writes_the_files(small_results, t
     assert len(pd.read_csv(tmp_path / "out" / "sweep.csv")) == 2
     doc = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert {"compare_seconds", "single_full_seconds", "prompt_tokens", "full", "h2o", "runs"} <= set(doc)
+    stored = json.loads((tmp_path / "assets" / "throughput.json").read_text())  # beside the README
+    modes = [(r["policy"], r["mode"]) for r in stored["rows"]]
+    assert modes == [("full", "cap"), ("h2o", "cap"), ("full", "sweep"), ("h2o", "sweep")]
 
 
 def test_results_without_markers_prints_the_tables_and_leaves_the_file(small_results, tmp_path, capsys):

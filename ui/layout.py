@@ -2,7 +2,8 @@
 
 Zones: controls (prompt, examples, policies, budget, Advanced, Run/Stop), one streaming
 column per policy, then the figures with their pickers and downloads. A second tab
-sweeps the budget on the user's prompt; a third explains the policies.
+sweeps the budget on the user's prompt; a third (ui/throughput_tab.py) shows tokens/s under one
+KV-memory cap; a fourth explains the policies.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gradio as gr
 from d2o_core import POLICIES
 
 from . import handlers as H
+from . import throughput_tab
 from .engine import Engine
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -180,6 +182,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 downloads = gr.File(file_count="multiple", label="Files", interactive=False)
         with gr.Tab("Budget sweep"):
             sweep_io = _sweep_tab(engine, prompt, chosen, model)
+        with gr.Tab("Throughput"):
+            throughput_tab.build(engine, model)
         with gr.Tab("About"):
             gr.Markdown(ABOUT)
 
