@@ -180,7 +180,8 @@ def _run(engine, prompt, names, budget_percent, max_new_tokens, model, controls)
         elif update.kind == "token":
             yield {f"text:{column[update.label]}": update.text, "status": f"Generating… step {update.step}"}
         else:
-            yield _finished(lm, update.results, column)
+            meta = {"prompt": prompt, "max_new_tokens": int(max_new_tokens)}
+            yield _finished(lm, update.results, column, meta)
 
 
 @gpu
@@ -196,24 +197,36 @@ def _stream(lm, prompt, policies, max_new_tokens, controls):
     )
 
 
-def _finished(lm, results: dict, column: dict) -> dict:
-    labels = list(results)
-    view = _view_default(labels)
-    layer = lm.n_layers // 2
+def _finished(lm, results: dict, column: dict, meta: dict | None = None) -> dict:
     n_prompt = next(iter(results.values())).metrics["prompt_tokens"]
-    state = {"results": results, "model": lm.name, "n_prompt": n_prompt}
-    out = {f"stats:{column[label]}": report.stats_line(res.metrics) for label, res in results.items()}
-    out |= {f"text:{column[label]}": res.text for label, res in results.items()}
+    status = (
+        f"Done: {n_prompt} prompt tokens read once, then {len(results)} policies decoded "
+        f"together as one batch (model {lm.name})." + (f" Note: {NOTICE}" if lm.shape_only else "")
+    )
+    return results_page(results, status, {"model": lm.name} | (meta or {}), column)
+
+
+def results_page(results: dict, status: str, meta: dict, column: dict | None = None) -> dict:
+    """Every output a finished comparison fills (texts, stats, summary, figures, pickers, state), drawn
+    from its results alone: the same for a live run's end and for a run opened from a file."""
+    labels = list(results)
+    column = column or {label: res.settings.get("policy", label) for label, res in results.items()}
+    column = {label: name for label, name in column.items() if name in NAMES}
+    view = _view_default(labels)
+    first = next(iter(results.values())).metrics
+    layer = first["n_layers"] // 2
+    state = {"results": results, "model": meta.get("model"), "n_prompt": first["prompt_tokens"], "meta": meta}
+    out = {f"stats:{column[label]}": report.stats_line(results[label].metrics) for label in column}
+    out |= {f"text:{column[label]}": results[label].text for label in column}
     out |= {
-        "status": f"Done: {state['n_prompt']} prompt tokens read once, then {len(labels)} policies decoded "
-        f"together as one batch (model {lm.name})." + (f" Note: {NOTICE}" if lm.shape_only else ""),
+        "status": status,
         "state": state,
         "summary": report.summary(results).round(3),
         "budget_fig": budget_figure(results),
         "drift_fig": drift_figure(results),
         "view": gr.update(choices=labels, value=view),
-        "layer": gr.update(maximum=lm.n_layers - 1, value=layer),
-        "head": gr.update(maximum=lm.n_kv_heads - 1, value=0),
+        "layer": gr.update(maximum=first["n_layers"] - 1, value=layer),
+        "head": gr.update(maximum=first["n_kv_heads"] - 1, value=0),
     }
     return out | policy_views(state, view, layer, 0)
 
@@ -259,7 +272,7 @@ def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> 
     folder = Path(tempfile.mkdtemp(prefix="d2o-run-"))
     files = {
         "events.csv": report.events_csv(results),
-        "run.json": report.comparison_json(results, {"model": state["model"]}),
+        "run.json": report.comparison_json(results, state.get("meta") or {"model": state["model"]}),
     }
     views = policy_views(state, label, layer, head)
     figs = {

@@ -18,6 +18,7 @@ from d2o_core import POLICIES
 
 from . import handlers as H
 from .engine import Engine
+from .open_run import open_run
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ABOUT = (ASSETS / "about.md").read_text(encoding="utf-8") if (ASSETS / "about.md").is_file() else ""
@@ -178,6 +179,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             with gr.Accordion("Downloads", open=False):
                 prepare = gr.Button("Prepare downloads (events CSV, run JSON, figures as HTML)")
                 downloads = gr.File(file_count="multiple", label="Files", interactive=False)
+            open_file = gr.UploadButton("Open a run (JSON)", file_types=[".json"], elem_id="open-run")
         with gr.Tab("Budget sweep"):
             sweep_io = _sweep_tab(engine, prompt, chosen, model)
         with gr.Tab("About"):
@@ -245,6 +247,10 @@ def build_demo(engine: Engine) -> gr.Blocks:
             [state, view, layer, head],
             downloads,
             api_visibility="private",
+        )
+
+        open_file.upload(
+            _wire(open_run, outputs), open_file, list(outputs.values()), api_visibility="private"
         )
 
         def compare_api(
