@@ -290,14 +290,51 @@ def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> 
     return {"downloads": paths}
 
 
+API_POLICIES = tuple(DEFAULT_CHOSEN)  # the `/compare` endpoint's defaults (layout.py's signature uses these)
+API_BUDGET = 0.2
+API_MAX_NEW_TOKENS = 64
+
+
+def _api_args(prompt, policies, budget, max_new_tokens) -> tuple[str, list[str], float, int]:
+    """The API's arguments checked by type, each problem a sentence naming the parameter (JSON has no
+    int/float distinction for whole numbers, so 64.0 is 64; a string is never a number)."""
+    kind = lambda v: f"{type(v).__name__} {v!r}"[:60]  # noqa: E731
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text (a string); got {kind(prompt)}.")
+    if not prompt.strip():
+        raise ValueError("prompt is empty: send the text the model should continue.")
+    if policies is None:
+        policies = API_POLICIES
+    if not isinstance(policies, (list, tuple)) or not all(isinstance(p, str) for p in policies):
+        raise ValueError(
+            f'policies must be a list of names such as ["full", "h2o", "d2o"]; got {kind(policies)}.'
+        )
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be a number, a fraction in (0, 1] such as 0.2; got {kind(budget)}.")
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is a fraction in (0, 1], e.g. 0.2 for 20 %; got {budget}.")
+    whole = isinstance(max_new_tokens, int) or (
+        isinstance(max_new_tokens, float) and max_new_tokens.is_integer()
+    )
+    if isinstance(max_new_tokens, bool) or not whole:
+        raise ValueError(f"max_new_tokens must be a whole number such as 64; got {kind(max_new_tokens)}.")
+    return prompt, list(policies), float(budget), int(max_new_tokens)
+
+
 def api_compare(
-    engine: Engine, prompt: str, policies: list[str], budget: float = 0.2, max_new_tokens: int = 64
+    engine: Engine,
+    prompt: str,
+    policies: list[str] | tuple[str, ...] | None = API_POLICIES,
+    budget: float = API_BUDGET,
+    max_new_tokens: int = API_MAX_NEW_TOKENS,
 ) -> dict:
-    """The JSON API: texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn."""
+    """The JSON API: texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn.
+
+    Only the prompt is needed: policies default to full, h2o and d2o, budget to 0.2, 64 new tokens.
+    """
     with page_errors("Generation"):
-        if not 0 < float(budget) <= 1:
-            raise ValueError("budget is a fraction in (0, 1], e.g. 0.2 for 20 %.")
-        chosen = build_policies(list(policies), 100 * float(budget), Controls())
+        prompt, policies, budget, max_new_tokens = _api_args(prompt, policies, budget, max_new_tokens)
+        chosen = build_policies(policies, 100 * budget, Controls())
         lm = engine.get()
         stream = _stream(lm, prompt, chosen, int(max_new_tokens), Controls())
         results = next(update.results for update in stream if update.kind == "done")

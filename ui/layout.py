@@ -254,9 +254,12 @@ def build_demo(engine: Engine) -> gr.Blocks:
         )
 
         def compare_api(
-            prompt: str, policies: list[str], budget: float = 0.2, max_new_tokens: int = 64
+            prompt: str,
+            policies: list[str] = list(H.API_POLICIES),  # noqa: B006 - gr.api shows it as the default
+            budget: float = H.API_BUDGET,
+            max_new_tokens: int = H.API_MAX_NEW_TOKENS,
         ) -> dict:
-            """Texts and metrics per policy. policies: any of full, streaming, h2o, d2o; budget 0.2 = 20 %."""
+            """Texts and metrics per policy; only the prompt is needed (README: "Python client / API")."""
             return H.api_compare(engine, prompt, policies, budget, max_new_tokens)
 
         gr.api(compare_api, api_name="compare", concurrency_id="model")
