@@ -90,7 +90,7 @@ def test_opening_a_run_fills_the_page_as_a_finished_run_does(results, saved, tmp
     out = open_run(str(path))
     for key in FIGURES:
         assert isinstance(out[key], go.Figure) and out[key].data, key
-    assert out["status"].startswith("Opened run.json: 4 policies")
+    assert out["status"].startswith("Opened run.json: 4 policies") and out["prompt"] == TEXT
     assert set(out["state"]["results"]) == set(results)
     for res in results.values():  # one column per registry name, even for a label with settings
         name = res.settings["policy"]

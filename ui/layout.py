@@ -249,9 +249,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
             api_visibility="private",
         )
 
-        open_file.upload(
-            _wire(open_run, outputs), open_file, list(outputs.values()), api_visibility="private"
-        )
+        opened = outputs | {"prompt": prompt}  # a run file brings its prompt back too
+        open_file.upload(_wire(open_run, opened), open_file, list(opened.values()), api_visibility="private")
 
         def compare_api(
             prompt: str,

@@ -2,7 +2,8 @@
 
 What this module is: one handler, `open_run(path) -> {output name: value}`, that reads a run file
 with `d2o_core.runfile.load_run` and hands the results to `handlers.results_page`, the same function
-that fills the page at the end of a live run, so texts, stats, tables and every figure come out alike.
+that fills the page at the end of a live run, so texts, stats, tables and every figure come out alike;
+the prompt box gets the run's prompt back when the file has one.
 
 What it is not: no layout (ui/layout.py wires the upload) and no model: opening a run generates nothing.
 A file that cannot be read shows one sentence in the page, never a trace.
@@ -35,4 +36,5 @@ def open_run(path: str | Path | None) -> dict:
         blank = {f"text:{n}": "" for n in H.NAMES} | {f"stats:{n}": "" for n in H.NAMES}
         page = H.results_page(results, status, dict(meta))
         shown = [name for name in H.NAMES if f"text:{name}" in page]
-        return blank | H.columns_visible(shown) | page
+        prompt = {"prompt": meta["prompt"]} if isinstance(meta.get("prompt"), str) else {}
+        return blank | H.columns_visible(shown) | page | prompt
