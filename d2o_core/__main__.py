@@ -1,7 +1,9 @@
-"""Command line: `python -m d2o_core {run,compare,sweep,bench,throughput,results} ...` (see --help of each).
+"""Command line: `python -m d2o_core {run,compare,show,sweep,bench,throughput,batch-step,results} ...`.
 
-What this module is: argument parsing and printing only; the work is in runner.py,
-sweep.py, bench.py and throughput.py.
+What this module is: argument parsing and printing only (see --help of each); the work is in
+runner.py, sweep.py, bench.py, throughput.py and batch_step.py. `show` reads a run file
+(runfile.py); its `--html` report draws figures, so it imports `ui.report_html` lazily
+(d2o_core itself never imports plotly or gradio).
 """
 
 from __future__ import annotations
@@ -99,17 +101,44 @@ def cmd_compare(args, stream: bool = False) -> int:
             results = update.results
     if stream:
         print()
-    else:
+    _print_results(results, texts=not stream)
+    if args.json:
+        meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": args.max_new_tokens}
+        Path(args.json).write_text(report.comparison_json(results, meta))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _print_results(results: dict, texts: bool = True) -> None:
+    if texts:
         for label, res in results.items():
             print(f"\n=== {label} ===\n{res.text}")
     print("\n" + report.summary(results).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     for label, res in results.items():
         if res.layer_budgets["density"].notna().any():
             print(f"\n{label} per-layer budgets (tokens): {report.budgets_line(res)}")
-    if args.json:
-        meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": args.max_new_tokens}
-        Path(args.json).write_text(report.comparison_json(results, meta))
-        print(f"\nwrote {args.json}", file=sys.stderr)
+
+
+def cmd_show(args) -> int:
+    """Print a saved run's texts and summary; `--html` also writes the offline report with every figure.
+
+    The figures come from `ui.report_html`, imported here and only here (it needs plotly).
+    """
+    from .runfile import load_run  # noqa: PLC0415 - pydantic only for this command
+
+    results, meta = load_run(Path(args.path))
+    facts = ", ".join(f"{k} {meta[k]}" for k in ("model", "max_new_tokens", "created") if meta.get(k))
+    print(f"{args.path}: {len(results)} policies" + (f" ({facts})" if facts else ""))
+    _print_results(results)
+    if args.html:
+        try:
+            from ui.report_html import report_html  # noqa: PLC0415 - the one place the CLI draws
+        except ImportError as exc:
+            raise ValueError(
+                f"--html needs the app's ui package and plotly ({exc}); run it from the repository root."
+            ) from None
+        Path(args.html).write_text(report_html(results, meta), encoding="utf-8")
+        print(f"\nwrote {args.html}", file=sys.stderr)
     return 0
 
 
@@ -120,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     _generation_args(p, "full,h2o,d2o")
     p = sub.add_parser("run", help="generate with one policy, streaming the text")
     _generation_args(p, "d2o")
+    p = sub.add_parser("show", help="print a saved run (--json of compare, or the page's run.json)")
+    p.add_argument("path", help="a run file (d2o-run/1 JSON)")
+    p.add_argument("--html", default=None, help="also write a standalone HTML report with every figure here")
     from . import batch_step, bench, results, sweep, throughput  # noqa: PLC0415 - light `compare` start-up
 
     sweep.add_parser(sub, _model_args)
@@ -133,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "run":
             return cmd_compare(args, stream=True)
+        if args.command == "show":
+            return cmd_show(args)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,7 +6,6 @@ beyond returning strings and frames).
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -29,9 +28,10 @@ def jsonable(value):
 
 
 def comparison_json(results: dict[str, RunResult], meta: dict | None = None) -> str:
-    """The whole comparison (texts, metrics, events, steps, layer budgets, drift) as one JSON document."""
-    doc = {"meta": meta or {}, "results": {label: res.to_dict() for label, res in results.items()}}
-    return json.dumps(jsonable(doc), ensure_ascii=False)
+    """The whole comparison as a run file (runfile.py's d2o-run format, which `load_run` reopens)."""
+    from .runfile import save_run  # noqa: PLC0415 - runfile uses `jsonable` from here
+
+    return save_run(results, meta)
 
 
 def events_csv(results: dict[str, RunResult]) -> str:

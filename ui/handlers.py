@@ -180,7 +180,8 @@ def _run(engine, prompt, names, budget_percent, max_new_tokens, model, controls)
         elif update.kind == "token":
             yield {f"text:{column[update.label]}": update.text, "status": f"Generating… step {update.step}"}
         else:
-            yield _finished(lm, update.results, column)
+            meta = {"prompt": prompt, "max_new_tokens": int(max_new_tokens)}
+            yield _finished(lm, update.results, column, meta)
 
 
 @gpu
@@ -196,24 +197,36 @@ def _stream(lm, prompt, policies, max_new_tokens, controls):
     )
 
 
-def _finished(lm, results: dict, column: dict) -> dict:
-    labels = list(results)
-    view = _view_default(labels)
-    layer = lm.n_layers // 2
+def _finished(lm, results: dict, column: dict, meta: dict | None = None) -> dict:
     n_prompt = next(iter(results.values())).metrics["prompt_tokens"]
-    state = {"results": results, "model": lm.name, "n_prompt": n_prompt}
-    out = {f"stats:{column[label]}": report.stats_line(res.metrics) for label, res in results.items()}
-    out |= {f"text:{column[label]}": res.text for label, res in results.items()}
+    status = (
+        f"Done: {n_prompt} prompt tokens read once, then {len(results)} policies decoded "
+        f"together as one batch (model {lm.name})." + (f" Note: {NOTICE}" if lm.shape_only else "")
+    )
+    return results_page(results, status, {"model": lm.name} | (meta or {}), column)
+
+
+def results_page(results: dict, status: str, meta: dict, column: dict | None = None) -> dict:
+    """Every output a finished comparison fills (texts, stats, summary, figures, pickers, state), drawn
+    from its results alone: the same for a live run's end and for a run opened from a file."""
+    labels = list(results)
+    column = column or {label: res.settings.get("policy", label) for label, res in results.items()}
+    column = {label: name for label, name in column.items() if name in NAMES}
+    view = _view_default(labels)
+    first = next(iter(results.values())).metrics
+    layer = first["n_layers"] // 2
+    state = {"results": results, "model": meta.get("model"), "n_prompt": first["prompt_tokens"], "meta": meta}
+    out = {f"stats:{column[label]}": report.stats_line(results[label].metrics) for label in column}
+    out |= {f"text:{column[label]}": results[label].text for label in column}
     out |= {
-        "status": f"Done: {state['n_prompt']} prompt tokens read once, then {len(labels)} policies decoded "
-        f"together as one batch (model {lm.name})." + (f" Note: {NOTICE}" if lm.shape_only else ""),
+        "status": status,
         "state": state,
         "summary": report.summary(results).round(3),
         "budget_fig": budget_figure(results),
         "drift_fig": drift_figure(results),
         "view": gr.update(choices=labels, value=view),
-        "layer": gr.update(maximum=lm.n_layers - 1, value=layer),
-        "head": gr.update(maximum=lm.n_kv_heads - 1, value=0),
+        "layer": gr.update(maximum=first["n_layers"] - 1, value=layer),
+        "head": gr.update(maximum=first["n_kv_heads"] - 1, value=0),
     }
     return out | policy_views(state, view, layer, 0)
 
@@ -259,7 +272,7 @@ def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> 
     folder = Path(tempfile.mkdtemp(prefix="d2o-run-"))
     files = {
         "events.csv": report.events_csv(results),
-        "run.json": report.comparison_json(results, {"model": state["model"]}),
+        "run.json": report.comparison_json(results, state.get("meta") or {"model": state["model"]}),
     }
     views = policy_views(state, label, layer, head)
     figs = {
@@ -277,14 +290,51 @@ def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> 
     return {"downloads": paths}
 
 
+API_POLICIES = tuple(DEFAULT_CHOSEN)  # the `/compare` endpoint's defaults (layout.py's signature uses these)
+API_BUDGET = 0.2
+API_MAX_NEW_TOKENS = 64
+
+
+def _api_args(prompt, policies, budget, max_new_tokens) -> tuple[str, list[str], float, int]:
+    """The API's arguments checked by type, each problem a sentence naming the parameter (JSON has no
+    int/float distinction for whole numbers, so 64.0 is 64; a string is never a number)."""
+    kind = lambda v: f"{type(v).__name__} {v!r}"[:60]  # noqa: E731
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text (a string); got {kind(prompt)}.")
+    if not prompt.strip():
+        raise ValueError("prompt is empty: send the text the model should continue.")
+    if policies is None:
+        policies = API_POLICIES
+    if not isinstance(policies, (list, tuple)) or not all(isinstance(p, str) for p in policies):
+        raise ValueError(
+            f'policies must be a list of names such as ["full", "h2o", "d2o"]; got {kind(policies)}.'
+        )
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be a number, a fraction in (0, 1] such as 0.2; got {kind(budget)}.")
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is a fraction in (0, 1], e.g. 0.2 for 20 %; got {budget}.")
+    whole = isinstance(max_new_tokens, int) or (
+        isinstance(max_new_tokens, float) and max_new_tokens.is_integer()
+    )
+    if isinstance(max_new_tokens, bool) or not whole:
+        raise ValueError(f"max_new_tokens must be a whole number such as 64; got {kind(max_new_tokens)}.")
+    return prompt, list(policies), float(budget), int(max_new_tokens)
+
+
 def api_compare(
-    engine: Engine, prompt: str, policies: list[str], budget: float = 0.2, max_new_tokens: int = 64
+    engine: Engine,
+    prompt: str,
+    policies: list[str] | tuple[str, ...] | None = API_POLICIES,
+    budget: float = API_BUDGET,
+    max_new_tokens: int = API_MAX_NEW_TOKENS,
 ) -> dict:
-    """The JSON API: texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn."""
+    """The JSON API: texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn.
+
+    Only the prompt is needed: policies default to full, h2o and d2o, budget to 0.2, 64 new tokens.
+    """
     with page_errors("Generation"):
-        if not 0 < float(budget) <= 1:
-            raise ValueError("budget is a fraction in (0, 1], e.g. 0.2 for 20 %.")
-        chosen = build_policies(list(policies), 100 * float(budget), Controls())
+        prompt, policies, budget, max_new_tokens = _api_args(prompt, policies, budget, max_new_tokens)
+        chosen = build_policies(policies, 100 * budget, Controls())
         lm = engine.get()
         stream = _stream(lm, prompt, chosen, int(max_new_tokens), Controls())
         results = next(update.results for update in stream if update.kind == "done")

@@ -20,6 +20,7 @@ from d2o_core import POLICIES
 from . import handlers as H
 from . import throughput_tab
 from .engine import Engine
+from .open_run import open_run
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ABOUT = (ASSETS / "about.md").read_text(encoding="utf-8") if (ASSETS / "about.md").is_file() else ""
@@ -180,6 +181,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             with gr.Accordion("Downloads", open=False):
                 prepare = gr.Button("Prepare downloads (events CSV, run JSON, figures as HTML)")
                 downloads = gr.File(file_count="multiple", label="Files", interactive=False)
+            open_file = gr.UploadButton("Open a run (JSON)", file_types=[".json"], elem_id="open-run")
         with gr.Tab("Budget sweep"):
             sweep_io = _sweep_tab(engine, prompt, chosen, model)
         with gr.Tab("Throughput"):
@@ -251,10 +253,16 @@ def build_demo(engine: Engine) -> gr.Blocks:
             api_visibility="private",
         )
 
+        opened = outputs | {"prompt": prompt}  # a run file brings its prompt back too
+        open_file.upload(_wire(open_run, opened), open_file, list(opened.values()), api_visibility="private")
+
         def compare_api(
-            prompt: str, policies: list[str], budget: float = 0.2, max_new_tokens: int = 64
+            prompt: str,
+            policies: list[str] = list(H.API_POLICIES),  # noqa: B006 - gr.api shows it as the default
+            budget: float = H.API_BUDGET,
+            max_new_tokens: int = H.API_MAX_NEW_TOKENS,
         ) -> dict:
-            """Texts and metrics per policy. policies: any of full, streaming, h2o, d2o; budget 0.2 = 20 %."""
+            """Texts and metrics per policy; only the prompt is needed (README: "Python client / API")."""
             return H.api_compare(engine, prompt, policies, budget, max_new_tokens)
 
         gr.api(compare_api, api_name="compare", concurrency_id="model")
