@@ -14,13 +14,11 @@ from d2o_core.batching import StackedBatch
 
 # Rows of different lengths, so a stacked layer holds different entry counts per row (padding).
 PROMPTS = [TEXT[i : i + 40 + 3 * i] for i in range(0, 60, 6)]
-MATRIX = [
-    ("full", {}),
-    ("streaming", {}),
-    ("h2o", {}),
-    ("d2o", {}),
+# Every registry entry (a new policy is served without editing this file), plus settings that differ.
+MATRIX = [(name, {}) for name in POLICIES] + [
     ("d2o", {"variant": "official"}),
     ("d2o", {"merge": False}),
+    ("snapkv", {"window": 8}),  # these prompts compress (longer than the window); the default keeps them
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for name, kw in MATRIX]
 
