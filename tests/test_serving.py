@@ -10,7 +10,7 @@ from helpers import TEXT, held_positions, tiny_model
 
 import d2o_core
 from d2o_core import POLICIES, runner, serving
-from d2o_core.batching import StackedBatch
+from d2o_core.batching import RaggedBatch, StackedBatch, can_stack
 
 # Rows of different lengths, so a stacked layer holds different entry counts per row (padding).
 PROMPTS = [TEXT[i : i + 40 + 3 * i] for i in range(0, 60, 6)]
@@ -53,7 +53,10 @@ def test_a_stacked_batch_keeps_what_each_row_keeps_alone_and_its_logits_differ_o
         ]
     )
     stacked, alone = rows(), rows()
-    batch = StackedBatch(stacked)
+    # Rows stack when they share a layer layout; SnapKV leaves prompts within its window whole, so
+    # its rows may not: serve_batch then decodes them as a RaggedBatch, checked the same way here.
+    batch = StackedBatch(stacked) if can_stack(stacked) else RaggedBatch(stacked)
+    assert can_stack(stacked) or name in ("snapkv", "pyramidkv")
     for step, token in enumerate(ord(c) for c in TEXT[100:114]):
         together = runner._decode(tiny, batch, [token] * len(stacked), step + 1)
         apart = torch.stack([runner._step(tiny, cache, token, step + 1) for cache in alone])
