@@ -2,10 +2,13 @@
 
 What this module is: the two moments ALGORITHMS.md names. `compress_layer` cuts one
 layer's prompt entries down to its budget right after the prefill (keep sinks, the recent
-window and the heaviest scores; D2O merges what it drops). `evict_step` runs once after
-every decode forward pass: in each capped layer that is now one entry over budget, each
-kv-head evicts its lowest-scoring entry outside the sinks and the recent window, and D2O
-folds it into its most similar kept entry when the similarity passes the layer's threshold.
+window and the best scores; a merging policy folds what it drops into kept entries). `evict_step`
+runs once after every decode forward pass: in each capped layer that is now one entry over
+budget, each kv-head evicts its lowest-scoring entry outside the sinks and the recent window
+(scores: the cache's stored attention scores, the policy's key scores computed here from the
+stored keys, or age), and the policy's merge rule, if any, folds it in: D2O into its most
+similar kept key when the similarity passes the layer's threshold, CaM (values only) into the
+kept entries that follow it.
 Deferring the eviction to the end of the step changes nothing (a layer's cache is not read
 again until the next step) and lets one set of tensor operations serve every layer at once,
 which is what keeps per-token overhead small on a CPU.
