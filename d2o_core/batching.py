@@ -74,6 +74,8 @@ def layout_key(cache: PolicyCache) -> tuple:
     """Rows can be stacked when these agree: which layers are capped, and which stores exist."""
     return (
         tuple(layer.plan.budget is None for layer in cache.layers),
+        cache.source,
+        None if cache.merge is None else cache.merge.kind,
         cache.scores is not None,
         cache.norms is not None,
         cache.kv.dtype,
@@ -96,7 +98,10 @@ class _StackedLayer(_RowsLayer):
         batch.kv[1][index] = value_states[:, :, 0]
         batch.positions[index] = torch.tensor(positions, device=slots.device)[:, None]
         if batch.scores is not None:
-            batch.scores[index] = 0.0
+            if self.caches[0].fresh_by_position:  # "window" scores: a new entry ranks by recency
+                batch.scores[index] = torch.tensor(positions, device=slots.device)[:, None] + 1.0
+            else:
+                batch.scores[index] = 0.0
         if batch.norms is not None:
             batch.norms[index] = ops.norms(key_states[:, :, 0])
         used = torch.tensor([layer.used for layer in layers], device=slots.device)
@@ -162,12 +167,17 @@ class StackedBatch(Cache):
             cache.stacked = False
 
     def observe(self, layer_idx: int, query, key: Padded, scaling: float) -> None:
-        """Scores for every row at once (capped layers that keep scores), then end-of-step eviction."""
+        """Scores for every row at once (capped layers, as the rows' score source says), then eviction."""
         first = self.caches[0].layers[layer_idx]
-        if self.scores is not None and first.plan.budget is not None:
+        mode = self.caches[0].row_mode
+        if mode is not None and first.plan.budget is not None:
             width = key.tensor.shape[2]
             rows = ops.attention_rows(query, key.tensor, key.mask[:, 0, 0], scaling)  # [B, Hkv, S]
-            self.scores[:, :, first.offset : first.offset + width] += rows
+            window = slice(first.offset, first.offset + width)
+            if mode == "add":
+                self.scores[:, :, window] += rows
+            else:  # "replace": padding slots get 0, and are rewritten when claimed
+                self.scores[:, :, window] = rows / (query.shape[1] // key.tensor.shape[1])
         if layer_idx == len(self.layers) - 1:
             for cache in self.caches:
                 evict.evict_step(cache)

@@ -3,8 +3,9 @@
 What this module is: `PrefillCache` (a plain growing cache for the one prompt pass that
 all policies share; it also keeps each layer's attention column sums) and `PolicyCache`,
 a list of `PolicyLayer`s that apply a policy's `LayerPlan`s: compress once from the
-prefill (step 0), then at every generated token add the new attention row to the
-scores and evict one entry per kv-head when over budget, merging it when D2O says so.
+prefill (step 0), then at every generated token update the scores from the policy's score
+source (add or replace the new attention row; nothing for prefill-window or key scores) and
+evict one entry per kv-head when over budget, merging it when the policy's rule says so.
 
 Storage: one slot pool per cache, `[2, Hkv, slots, D]`, in which each layer owns a
 window of `budget + 1` slots (prompt + room for the rest where it never evicts). An evicted
@@ -27,25 +28,71 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import evict, ops
 from .events import EventLog
-from .policies import LayerPlan, MergeRule, Policy
+from .policies import CamRule, LayerPlan, MergeRule, Policy
+
+# How many last prompt queries a prefill keeps when only told to `record` (bounds SnapKV's window).
+MAX_WINDOW = 512
 
 
 class PrefillLayer(DynamicLayer):
-    """A growing layer that also remembers its prompt attention column sums ([Hq, L])."""
+    """A growing layer that also remembers its prompt attention column sums ([Hq, L]) and last queries."""
 
     col_sums: torch.Tensor | None = None
+    queries: torch.Tensor | None = None  # [Hq, W, D]: the last W prompt queries (post-rotary)
+    scaling: float = 1.0
 
 
 class PrefillCache(Cache):
-    """Cache for the shared prompt pass; records column sums when `record` is set."""
+    """Cache for the shared prompt pass.
 
-    def __init__(self, n_layers: int, record: bool):
+    record : keep each layer's prompt attention column sums (accumulated scores, D2O's densities).
+    queries : how many last prompt queries to keep per layer ("latest"/"window" scores); default
+        `MAX_WINDOW` when `record`, else none. `prefill_needs` gives both for a set of policies.
+    """
+
+    def __init__(self, n_layers: int, record: bool, queries: int | None = None):
         super().__init__(layers=[PrefillLayer() for _ in range(n_layers)])
         self.record = record
+        self.queries = (MAX_WINDOW if record else 0) if queries is None else queries
 
     def observe(self, layer_idx: int, query, key, scaling: float) -> None:
+        layer = self.layers[layer_idx]
         if self.record:
-            self.layers[layer_idx].col_sums = ops.prefill_column_sums(query, key, scaling)
+            layer.col_sums = ops.prefill_column_sums(query, key, scaling)
+        if self.queries:
+            layer.queries, layer.scaling = query[0, :, -self.queries :].clone(), scaling
+
+
+def prefill_needs(policies) -> dict:
+    """`PrefillCache` arguments that serve every policy in `policies` from one prompt pass."""
+    return {
+        "record": any(p.score_source == "accumulated" or p.needs_density for p in policies),
+        "queries": max(
+            [p.prompt_window()[0] for p in policies if p.score_source in ("latest", "window")] or [0]
+        ),
+    }
+
+
+def prompt_scores(policy: Policy, layer: PrefillLayer, n_kv: int) -> torch.Tensor | None:
+    """[Hkv, L] float32 scores of one layer's prompt entries from the policy's score source, or None."""
+    source = policy.score_source
+    if source == "accumulated":
+        return ops.group_heads(layer.col_sums, n_kv)
+    if source in ("latest", "window"):
+        window, kernel = policy.prompt_window()
+        length = layer.keys.shape[2]
+        window = min(window, length)
+        if layer.queries is None or layer.queries.shape[1] < window:
+            raise ValueError(
+                f"{policy.label} scores the prompt from its last {window} queries, but the prefill kept "
+                f"{0 if layer.queries is None else layer.queries.shape[1]}; build the prefill with "
+                "cache.prefill_needs(policies)."
+            )
+        scores = ops.window_scores(layer.queries[:, -window:], layer.keys[0], layer.scaling, kernel)
+        if source == "window":  # the window and everything after it rank by recency, above any score
+            scores[:, length - window :] = torch.arange(length - window, length, device=scores.device) + 1.0
+        return scores
+    return None
 
 
 class PolicyLayer(CacheLayerMixin):
@@ -126,7 +173,7 @@ class PolicyLayer(CacheLayerMixin):
         cache.kv[1][index] = value_states[0, :, 0]
         cache.positions[index] = position
         if cache.scores is not None:
-            cache.scores[index] = 0.0
+            cache.scores[index] = position + 1.0 if cache.fresh_by_position else 0.0
         if cache.norms is not None:
             cache.norms[index] = ops.norms(key_states[0, :, 0])
         end = self.offset + self.used
@@ -167,11 +214,12 @@ class PolicyCache(Cache):
     def __init__(
         self,
         plans: list[LayerPlan],
-        merge: MergeRule | None,
-        with_scores: bool,
+        merge: MergeRule | CamRule | None,
+        source: str,
         like: torch.Tensor,
         capacities: list[int],
         log: EventLog,
+        key_scores=None,
     ):
         _, n_kv, _, dim = like.shape
         device = like.device
@@ -184,12 +232,19 @@ class PolicyCache(Cache):
             layers=[PolicyLayer(self, i, offsets[i], capacities[i], p) for i, p in enumerate(plans)]
         )
         self.merge, self.log, self.step = merge, log, 0
+        self.source = source
+        # Decode-time score update: "add" the new attention row, "replace" by it (group mean), or none.
+        self.row_mode = {"accumulated": "add", "latest": "replace"}.get(source)
+        self.fresh_by_position = source == "window"  # a new entry scores 1 + position, else 0
+        self.key_scores = key_scores
         self.heads = torch.arange(n_kv, device=device)
         self.kv = like.new_empty(2, n_kv, total, dim)
         self.positions = torch.zeros(n_kv, total, dtype=torch.long, device=device)
+        with_scores = source in ("accumulated", "latest", "window")
         self.scores = torch.zeros(n_kv, total, dtype=torch.float32, device=device) if with_scores else None
         # Key norms, kept current so D2O's cosine similarities cost one multiply-sum per step.
-        self.norms = torch.ones(n_kv, total, dtype=torch.float32, device=device) if merge else None
+        with_norms = merge is not None and merge.needs_norms
+        self.norms = torch.ones(n_kv, total, dtype=torch.float32, device=device) if with_norms else None
         self.capped = [self.layers[i] for i in order if plans[i].budget is not None]
         self.tau = torch.full(
             (len(self.capped),), float("nan"), device=device
@@ -222,21 +277,30 @@ class PolicyCache(Cache):
         plans = policy.plans(n_prompt, len(layers), col_sums)
         # A capped layer never holds more than its budget plus the token being added.
         capacities = [n_prompt + extra if p.budget is None else p.budget + 1 for p in plans]
-        cache = cls(plans, policy.merge_rule(), policy.needs_scores, like, capacities, log)
+        source = policy.score_source
+        key_scores = policy.key_scores if source == "key" else None
+        cache = cls(plans, policy.merge_rule(), source, like, capacities, log, key_scores)
         column = {layer.index: j for j, layer in enumerate(cache.capped)}
+        n_kv = like.shape[1]
         for src, layer in zip(layers, cache.layers):
-            tau = evict.compress_layer(
-                layer, src.keys, src.values, src.col_sums, policy.needs_scores, cache.merge, log
-            )
+            capped = layer.plan.budget is not None
+            scores = prompt_scores(policy, src, n_kv) if capped else None
+            ranking = key_scores(src.keys[0]) if key_scores is not None and capped else None
+            tau = evict.compress_layer(layer, src.keys, src.values, scores, ranking, cache.merge, log)
             if tau is not None:
                 cache.tau[column[layer.index]] = tau
         return cache
 
     def observe(self, layer_idx: int, query, key, scaling: float) -> None:
-        """At each layer's attention: add the new query's row to the scores; after the last, evict."""
+        """At each layer's attention: update the scores as the policy's source says; after the last, evict."""
         layer = self.layers[layer_idx]
-        if self.scores is not None and layer.plan.budget is not None:
-            self.scores[:, layer.offset : layer.offset + layer.used] += ops.attention_row(query, key, scaling)
+        if self.row_mode is not None and layer.plan.budget is not None:
+            row = ops.attention_row(query, key, scaling)
+            window = slice(layer.offset, layer.offset + layer.used)
+            if self.row_mode == "add":
+                self.scores[:, window] += row
+            else:
+                self.scores[:, window] = row / (query.shape[1] // key.shape[1])
         if layer_idx == len(self.layers) - 1:
             evict.evict_step(self)
 

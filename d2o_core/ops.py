@@ -95,6 +95,58 @@ def attention_rows(
     return logits.softmax(dim=-1).sum(dim=2)
 
 
+def window_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int = 1) -> torch.Tensor:
+    """Scores of the prompt's keys from its last `W` queries (SnapKV; TOVA with ``W = kernel = 1``).
+
+    Parameters
+    ----------
+    queries : [Hq, W, D], the queries of prompt positions ``L - W .. L - 1`` (post-rotary)
+    keys : [Hkv, L, D] (not repeated for GQA)
+    kernel : odd width of the average pooling over positions (1: none)
+
+    Returns
+    -------
+    [Hkv, L] float32: each key's attention (causal softmax over the whole prompt) averaged over the
+    `W` queries, then, for the keys before the window, 1-D average pooling (stride 1, zero "same"
+    padding counted in the mean, as `avg_pool1d` does), then averaged over the query heads of each
+    kv-head group. The window's own keys keep their unpooled mean. Memory is O(Hq x chunk x L).
+    """
+    n_q, window, dim = queries.shape
+    n_kv, length = keys.shape[0], keys.shape[1]
+    q = queries.reshape(n_kv, n_q // n_kv, window, dim)
+    total = torch.zeros(n_kv, n_q // n_kv, length, dtype=torch.float32, device=keys.device)
+    chunk = max(1, min(_MAX_CHUNK, window, _CHUNK_ELEMENTS // max(1, n_q * length)))
+    for start in range(0, window, chunk):
+        end = min(start + chunk, window)
+        logits = torch.matmul(q[:, :, start:end], keys[:, None].transpose(-1, -2)).float().mul_(scaling)
+        # Query i of the window sits at position L - W + i and sees keys up to it.
+        rows = torch.arange(length - window + start, length - window + end, device=keys.device)
+        future = torch.arange(length, device=keys.device)[None, :] > rows[:, None]
+        logits.masked_fill_(future, float("-inf"))
+        total += torch.softmax(logits, dim=-1).sum(dim=2)
+    scores = total.mean(dim=1) / window  # [Hkv, L]
+    if kernel > 1 and length > window:
+        before = scores[:, : length - window]
+        pooled = F.avg_pool1d(before[:, None], kernel, stride=1, padding=kernel // 2)
+        scores[:, : length - window] = pooled[:, 0]
+    return scores
+
+
+def keydiff_scores(keys: torch.Tensor) -> torch.Tensor:
+    """KeyDiff: ``-cos(k, anchor)`` with ``anchor`` the mean of the normalised keys, per kv-head.
+
+    keys : [Hkv, S, D]. Returns [Hkv, S] float32 (higher = less like the mean direction = kept).
+    """
+    unit = F.normalize(keys.float(), dim=-1)
+    anchor = F.normalize(unit.mean(dim=1, keepdim=True), dim=-1)
+    return -(unit * anchor).sum(dim=-1)
+
+
+def key_norm_scores(keys: torch.Tensor) -> torch.Tensor:
+    """Key norm: ``-||k||_2`` in float32; keys : [Hkv, S, D] -> [Hkv, S] (low-norm keys are kept)."""
+    return -torch.linalg.vector_norm(keys.float(), dim=-1)
+
+
 def group_heads(per_query_head: torch.Tensor, n_kv: int) -> torch.Tensor:
     """Sum a ``[Hq, ...]`` tensor into its kv-head groups: ``[Hkv, ...]``."""
     return per_query_head.reshape(n_kv, -1, *per_query_head.shape[1:]).sum(dim=1)

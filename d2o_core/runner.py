@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 
 from . import metrics as M
 from .batching import RaggedBatch
-from .cache import PolicyCache, PrefillCache
+from .cache import PolicyCache, PrefillCache, prefill_needs
 from .capture import observing
 from .events import EventLog
 from .models import LoadedModel
@@ -187,7 +187,7 @@ def iter_compare(
     policies = sorted(policies, key=lambda p: p.name != "full")  # the reference decodes first each step
     yield Update("status", text=f"Reading the prompt ({len(ids)} tokens) once for all policies...")
     start = time.perf_counter()
-    prefill = PrefillCache(lm.n_layers, record=any(p.needs_scores or p.needs_density for p in policies))
+    prefill = PrefillCache(lm.n_layers, **prefill_needs(policies))
     logits = _prefill(lm, prefill, ids)
     prefill_seconds = time.perf_counter() - start
     runs = []

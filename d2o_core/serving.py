@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batching import StackedBatch
+from .batching import RaggedBatch, StackedBatch, can_stack
 from .cache import PolicyCache, PrefillCache
 from .events import EventLog
 from .models import LoadedModel
@@ -196,7 +196,9 @@ def _decode_rows(lm, rows: list[_Row], max_new_tokens, temperature, stop_at_eos,
         if not live:
             break
         if [row.index for row in live] != members:  # rows joined or left: restack (one copy)
-            batch, members = StackedBatch([row.cache for row in live]), [row.index for row in live]
+            caches = [row.cache for row in live]
+            batch = StackedBatch(caches) if can_stack(caches) else RaggedBatch(caches)
+            members = [row.index for row in live]
         logits = _decode(lm, batch, [row.tokens[-1] for row in live], step)
         for row, row_logits in zip(live, logits):
             row.tokens.append(_pick(row_logits, temperature, row.generator))

@@ -13,22 +13,25 @@ import d2o_core
 from d2o_core import runner
 from d2o_core.policies import POLICIES
 
-# Every registry entry, plus the D2O settings whose code paths differ.
-MATRIX = [
-    ("full", {}),
-    ("streaming", {}),
-    ("h2o", {}),
+# Every registry entry with its defaults (a new policy is tested without editing this file), plus the
+# settings whose code paths differ.
+EXTRA = [
     ("h2o", {"n_sink": 2, "recent_share": 0.3}),
-    ("d2o", {}),
     ("d2o", {"variant": "official"}),
     ("d2o", {"merge": False}),
     ("d2o", {"layer_budgets": "uniform"}),
+    ("snapkv", {"window": 8, "kernel": 3}),  # the prompt is longer than the window: it compresses
+    ("pyramidkv", {"window": 6}),
+    ("keydiff", {"n_sink": 2, "recent_share": 0.25}),
+    ("cam", {"merge_tokens": 2}),
 ]
+MATRIX = [(name, {}) for name in POLICIES] + EXTRA
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for name, kw in MATRIX]
 
 
 def test_matrix_covers_every_registered_policy():
     assert {name for name, _ in MATRIX} == set(POLICIES)
+    assert all(name in POLICIES for name, _ in EXTRA)
 
 
 def make(name, budget, **kw):

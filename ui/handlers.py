@@ -91,7 +91,8 @@ def build_policies(names: list[str], budget_percent: float, c: Controls) -> list
             "protected_layers": parse_layers(c.d2o_protected),
         },
     }
-    return [build(name, budget, **settings[name]) for name in NAMES if name in (names or [])]
+    # Policies without Advanced controls here run with their published defaults.
+    return [build(name, budget, **settings.get(name, {})) for name in NAMES if name in (names or [])]
 
 
 def columns_visible(names: list[str]) -> dict:

@@ -1,21 +1,35 @@
 """Cache policies, one file each, and the registry the UI, CLI and tests list them from.
 
-Adding a policy: its file here, one line in `POLICIES`, one row in the shared test matrix.
+Adding a policy: its file here (a `Policy` subclass, see `base.py` for the interface) and one
+line in `POLICIES`. The shared test matrices, the CLI, the results tables and the page pick it
+up from the registry.
 """
 
 import dataclasses
 
-from .base import LayerPlan, MergeRule, Policy
+from .base import SCORE_SOURCES, CamRule, LayerPlan, MergeRule, Policy
+from .cam import CaM
 from .d2o import D2O
 from .full import FullCache
 from .h2o import H2O
+from .keydiff import KeyDiff
+from .knorm import KeyNorm
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
 from .streaming import StreamingLLM
+from .tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {
     "full": FullCache,
     "streaming": StreamingLLM,
     "h2o": H2O,
     "d2o": D2O,
+    "tova": TOVA,
+    "snapkv": SnapKV,
+    "pyramidkv": PyramidKV,
+    "keydiff": KeyDiff,
+    "knorm": KeyNorm,
+    "cam": CaM,
 }
 
 
@@ -33,4 +47,22 @@ def build(name: str, budget: float = 0.2, **settings) -> Policy:
     return cls(budget=budget, **settings)
 
 
-__all__ = ["POLICIES", "build", "Policy", "LayerPlan", "MergeRule", "FullCache", "StreamingLLM", "H2O", "D2O"]
+__all__ = [
+    "POLICIES",
+    "SCORE_SOURCES",
+    "build",
+    "Policy",
+    "LayerPlan",
+    "MergeRule",
+    "CamRule",
+    "FullCache",
+    "StreamingLLM",
+    "H2O",
+    "D2O",
+    "TOVA",
+    "SnapKV",
+    "PyramidKV",
+    "KeyDiff",
+    "KeyNorm",
+    "CaM",
+]

@@ -1,9 +1,31 @@
 """The shared base of every cache policy: settings, validation, and per-layer plans.
 
-What this module is: `Policy` (a frozen dataclass: a policy is a configuration, never
-per-request state), `LayerPlan` (what one layer may keep) and `MergeRule` (D2O's
-token-level merge settings). A policy turns the prompt length and, when it asks for
-them, the prefill's attention column sums into one `LayerPlan` per layer.
+What this module is: the one interface every policy plugs into. `Policy` (a frozen
+dataclass: a policy is a configuration, never per-request state) decides three things:
+
+(a) budgets: `layer_caps` turns the prompt length and, when `needs_density` asks for them,
+    the prefill's attention column sums into one `LayerPlan` per layer (`split` then places
+    sinks and the recent window);
+(b) scores: `score_source` says where an entry's importance comes from, and the engine
+    computes only that:
+    - "none": no scores; the oldest unprotected entry leaves (StreamingLLM);
+    - "accumulated": prompt column sums, then each decode query's attention row added
+      (summed over the query heads of a kv-head group; H2O, D2O);
+    - "latest": the attention of the newest query only, replaced (not added) each step,
+      averaged over the query heads of the group (TOVA);
+    - "window": computed once at prefill from the last `prompt_window()[0]` prompt queries,
+      mean over them, average-pooled over positions (`prompt_window()[1]`), averaged over
+      the group; fixed during decoding; every entry from the window on (the window's prompt
+      tokens, every generated token) scores `1 + position` (SnapKV, PyramidKV);
+    - "key": `key_scores(keys)` from the stored keys at eviction time, no attention at all
+      (KeyDiff, key norm);
+    higher scores are kept;
+(c) what an evicted entry becomes: `merge_rule()` returns None (dropped) or a rule object
+    (`MergeRule`: D2O's nearest-key merge; `CamRule`: CaM's value merge).
+
+`LayerPlan` is what one layer may keep.
+
+What it is not: it touches no tensors of the cache; `cache.py` and `evict.py` apply the plans.
 
 What it is not: it touches no tensors of the cache; `cache.py` applies the plans.
 Budget split (ALGORITHMS.md): `budget_tokens = round(budget * prompt_tokens)` per
@@ -34,12 +56,35 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class MergeRule:
-    """D2O's token-level merge (see ALGORITHMS.md, the two readings)."""
+    """D2O's token-level merge (see ALGORITHMS.md, the two readings): keys and values into the nearest key."""
 
     variant: str  # "paper" | "official": merge weights
     beta: float  # EMA weight of the new statistic
     statistic: str  # "max" | "mean": the EMA's new statistic
     shared_by_heads: bool  # decide per (head, entry) or on the head mean
+
+    kind: ClassVar[str] = "d2o"
+    needs_norms: ClassVar[bool] = True  # cosine similarities need current key norms
+
+
+@dataclass(frozen=True)
+class CamRule:
+    """CaM's value merge (policies/cam.py): an evicted value is spread over the kept entries after it.
+
+    `merge_tokens`: how many kept entries (the nearest after the evicted one) share it; None: the
+    layer's recent window size (CaM's code merges into the whole recent window).
+    """
+
+    merge_tokens: int | None = None
+
+    kind: ClassVar[str] = "cam"
+    needs_norms: ClassVar[bool] = False
+
+    def targets(self, plan: LayerPlan) -> int:
+        return max(1, self.merge_tokens if self.merge_tokens is not None else plan.n_recent)
+
+
+SCORE_SOURCES = ("none", "accumulated", "latest", "window", "key")
 
 
 def _check_int(name: str, value, low: int = 0) -> None:
@@ -57,10 +102,31 @@ class Policy:
 
     name: ClassVar[str] = "base"
     title: ClassVar[str] = "Base"
-    # Accumulate attention per stored entry (H2O-style scores).
-    needs_scores: ClassVar[bool] = False
-    # Per-query-head prefill column sums (D2O's layer densities).
+    description: ClassVar[str] = ""  # one line with the paper's link
+    # Where scores come from (see the module docstring): one of SCORE_SOURCES.
+    score_source: ClassVar[str] = "none"
+    # Per-query-head prefill column sums (D2O's layer densities), handed to `layer_caps`.
     needs_density: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.score_source not in SCORE_SOURCES:
+            raise TypeError(
+                f"{cls.__name__}.score_source must be one of {SCORE_SOURCES}, not {cls.score_source!r}"
+            )
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the prefill must record attention for this policy (its scores come from attention)."""
+        return self.score_source in ("accumulated", "latest", "window")
+
+    def prompt_window(self) -> tuple[int, int]:
+        """(queries, pooling kernel) that score the prompt for the "latest" and "window" sources."""
+        return (1, 1) if self.score_source == "latest" else (0, 1)
+
+    def key_scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """For `score_source = "key"`: [Hkv, S, D] stored keys of one layer -> [Hkv, S] float32 scores."""
+        raise NotImplementedError(f"{type(self).__name__} scores from keys but defines no key_scores")
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -96,7 +162,8 @@ class Policy:
             return [LayerPlan(None) for _ in range(n_layers)]
         return [self.split(p) for p in self.layer_caps(n_prompt, n_layers, col_sums)]
 
-    def merge_rule(self) -> MergeRule | None:
+    def merge_rule(self) -> MergeRule | CamRule | None:
+        """What an evicted entry becomes: None (dropped) or the rule that folds it into kept ones."""
         return None
 
     # -- how the policy is shown -----------------------------------------------------------

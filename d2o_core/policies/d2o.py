@@ -39,7 +39,10 @@ class D2O(Policy):
 
     name: ClassVar[str] = "d2o"
     title: ClassVar[str] = "D2O"
-    needs_scores: ClassVar[bool] = True
+    description: ClassVar[str] = (
+        "D2O: H2O with layer budgets from attention density, evicted keys merged (https://arxiv.org/abs/2406.13035)"
+    )
+    score_source: ClassVar[str] = "accumulated"
     needs_density: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

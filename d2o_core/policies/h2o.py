@@ -18,4 +18,7 @@ class H2O(Policy):
 
     name: ClassVar[str] = "h2o"
     title: ClassVar[str] = "H2O"
-    needs_scores: ClassVar[bool] = True
+    description: ClassVar[str] = (
+        "H2O: heavy hitters by accumulated attention plus a recent window (https://arxiv.org/abs/2306.14048)"
+    )
+    score_source: ClassVar[str] = "accumulated"

@@ -20,6 +20,9 @@ class StreamingLLM(Policy):
     n_sink: int = 4
     name: ClassVar[str] = "streaming"
     title: ClassVar[str] = "StreamingLLM"
+    description: ClassVar[str] = (
+        "StreamingLLM: attention sinks plus a recent window (https://arxiv.org/abs/2309.17453)"
+    )
 
     def split(self, plan: LayerPlan) -> LayerPlan:
         n_sink = min(self.n_sink, max(plan.budget - 1, 0))

@@ -1,0 +1,40 @@
+"""TOVA, token omission via attention (Oren et al., 2024, arXiv 2401.06104).
+
+Scores are the attention of the current query only, averaged over the query heads of each
+kv-head group, replaced (never accumulated) at every step; the lowest leaves. No sinks and no
+recent window, as in the paper, except that the newest entry is never evicted on the step it
+arrives (a recent window of exactly one entry). At prefill the last prompt query scores the prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .base import LayerPlan, Policy
+
+
+@dataclass(frozen=True)
+class TOVA(Policy):
+    """Keep the entries the newest query attends to most; `recent_share` plays no part."""
+
+    n_sink: int = field(default=0, metadata={"help": "first positions never evicted (the paper keeps none)"})
+
+    name: ClassVar[str] = "tova"
+    title: ClassVar[str] = "TOVA"
+    description: ClassVar[str] = (
+        "TOVA: keep what the latest query attends to, no accumulation (https://arxiv.org/abs/2401.06104)"
+    )
+    score_source: ClassVar[str] = "latest"
+
+    def split(self, plan: LayerPlan) -> LayerPlan:
+        if plan.budget is None:
+            return plan
+        n_sink = min(self.n_sink, max(plan.budget - 1, 0))
+        return dataclasses.replace(plan, n_sink=n_sink, n_recent=min(1, plan.budget - n_sink))
+
+    def settings(self) -> dict:
+        out = super().settings()
+        out.pop("recent_share")
+        return out

@@ -1,0 +1,124 @@
+"""CaM's value merge (policies/cam.py), checked through the cache as it runs on a tiny model.
+
+Expectations are written from the rule in `cam.py`'s docstring: H2O picks the evicted entry; its
+value, weighted by `p = clamp(s_i / max kept s, 0, 1)`, is split evenly over the (up to) `m` kept
+entries that follow it; keys never change. Scores at prefill are column sums of an eager attention
+pass; at decode, a spy records each layer's entries and scores just before the cache sees the step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model
+from test_d2o_engine import (
+    FEED,
+    LAYERS,
+    N_PROMPT,
+    PROMPT,
+    Spy,
+    compressed,
+    entry,
+    held,
+    kept_positions,
+    split,
+)
+
+from d2o_core import POLICIES
+from d2o_core.capture import observing
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model(layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def eager_col_sums():
+    twin = tiny_model(layers=LAYERS)
+    twin.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = twin.model(input_ids=torch.tensor([PROMPT]), output_attentions=True)
+    return [
+        a[0].double().sum(dim=1).reshape(twin.n_kv_heads, -1, N_PROMPT).sum(dim=1) for a in out.attentions
+    ]
+
+
+def cam_values(values, scores, kept: list[int], gone: list[int], m: int) -> dict[int, torch.Tensor]:
+    """Per kept position, its value after every evicted one has been spread forward (one kv-head)."""
+    out = {j: values[j].double().clone() for j in kept}
+    top = max(float(scores[j]) for j in kept)
+    for i in gone:
+        targets = [j for j in kept if j > i][:m]
+        p = min(max(float(scores[i]) / top, 0.0), 1.0)
+        for j in targets:
+            out[j] += p * values[i].double() / len(targets)
+    return out
+
+
+@pytest.mark.parametrize("merge_tokens", [None, 3])
+def test_prefill_spreads_each_evicted_value_over_the_kept_entries_after_it(lm, eager_col_sums, merge_tokens):
+    policy = POLICIES["cam"](budget=0.25, merge_tokens=merge_tokens)
+    before, cache = compressed(lm, policy)
+    budget = round(0.25 * N_PROMPT)
+    n_sink, n_recent = split(budget, 0, 0.5)
+    m = merge_tokens or n_recent
+    for layer, (keys, values), cols in zip(cache.layers, before, eager_col_sums):
+        kept = kept_positions(cols, budget, n_sink, n_recent, N_PROMPT)
+        assert held(layer) == kept
+        for h, keep in enumerate(kept):
+            keep_list = sorted(keep)
+            gone = [p for p in range(N_PROMPT) if p not in keep]
+            expected = cam_values(values[0, h], cols[h], keep_list, gone, m)
+            for j in keep_list:
+                torch.testing.assert_close(
+                    entry(layer, h, j, "values").double(), expected[j], rtol=1e-5, atol=1e-5
+                )
+                assert torch.equal(entry(layer, h, j, "keys"), keys[0, h, j])  # keys never change
+
+
+def test_decode_steps_merge_the_evicted_value_forward_with_weight_p(lm):
+    policy = POLICIES["cam"](budget=0.25)
+    _, cache = compressed(lm, policy)
+    budget = round(0.25 * N_PROMPT)
+    _, n_recent = split(budget, 0, 0.5)
+    merged = 0
+    for number, token in enumerate(FEED, start=1):
+        cache.step, spy = number, Spy(cache)
+        with torch.no_grad(), observing(spy):
+            lm.model(
+                input_ids=torch.tensor([[token]]),
+                position_ids=torch.tensor([[cache.get_seq_length()]]),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        seen = N_PROMPT + number
+        for layer in cache.layers:
+            got = spy.seen[layer.index]
+            positions, keys, values, scores = got["positions"], got["keys"], got["values"], got["scores"]
+            if positions.shape[1] <= budget:
+                continue
+            for h in range(positions.shape[0]):
+                pos = positions[h].tolist()
+                protect = torch.tensor([p >= seen - n_recent for p in pos])
+                victim = int(scores[h].masked_fill(protect, float("inf")).argmin())
+                kept = sorted(p for s, p in enumerate(pos) if s != victim)
+                slot = {p: s for s, p in enumerate(pos)}
+                by_pos = {p: values[h, slot[p]] for p in kept + [pos[victim]]}
+                score_of = {p: scores[h, slot[p]] for p in kept + [pos[victim]]}
+                top = max(float(score_of[p]) for p in kept)
+                p_merge = min(max(float(score_of[pos[victim]]) / top, 0.0), 1.0)
+                targets = [p for p in kept if p > pos[victim]][:n_recent]
+                assert held(layer)[h] == set(kept)
+                for p in kept:
+                    expected = by_pos[p].double()
+                    if p in targets:
+                        expected = expected + p_merge * by_pos[pos[victim]].double() / len(targets)
+                        merged += 1
+                    torch.testing.assert_close(
+                        entry(layer, h, p, "values").double(), expected, rtol=1e-5, atol=1e-5
+                    )
+                    assert torch.equal(entry(layer, h, p, "keys"), keys[h, slot[p]])
+    assert merged > 0
+    events = cache.log.events_frame([""] * 200)
+    assert (events.kind == "merge").any() and (events[events.kind == "merge"].similarity <= 1).all()
