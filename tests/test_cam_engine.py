@@ -16,16 +16,15 @@ from test_d2o_engine import (
     LAYERS,
     N_PROMPT,
     PROMPT,
-    Spy,
     compressed,
     entry,
     held,
     kept_positions,
     split,
+    step,
 )
 
 from d2o_core import POLICIES
-from d2o_core.capture import observing
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +83,7 @@ def test_decode_steps_merge_the_evicted_value_forward_with_weight_p(lm):
     _, n_recent = split(budget, 0, 0.5)
     merged = 0
     for number, token in enumerate(FEED, start=1):
-        cache.step, spy = number, Spy(cache)
-        with torch.no_grad(), observing(spy):
-            lm.model(
-                input_ids=torch.tensor([[token]]),
-                position_ids=torch.tensor([[cache.get_seq_length()]]),
-                past_key_values=cache,
-                use_cache=True,
-            )
+        spy = step(lm, cache, token, number)
         seen = N_PROMPT + number
         for layer in cache.layers:
             got = spy.seen[layer.index]
