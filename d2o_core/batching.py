@@ -109,7 +109,9 @@ class _StackedLayer(_RowsLayer):
         window = slice(start, start + width)
         mask = batch.slot_index[:width][None, :] < used[:, None]  # [B, S]: False at padding
         mask = mask[:, None, None, :]
-        return Padded(batch.kv[0, :, :, window], mask), Padded(batch.kv[1, :, :, window], mask)
+        wants = self.caches[0].row_mode is not None and layers[0].plan.budget is not None
+        keys = Padded(batch.kv[0, :, :, window], mask, wants_probs=wants)
+        return keys, Padded(batch.kv[1, :, :, window], mask)
 
 
 class StackedBatch(Cache):
@@ -172,7 +174,10 @@ class StackedBatch(Cache):
         mode = self.caches[0].row_mode
         if mode is not None and first.plan.budget is not None:
             width = key.tensor.shape[2]
-            rows = ops.attention_rows(query, key.tensor, key.mask[:, 0, 0], scaling)  # [B, Hkv, S]
+            if key.probs is not None:  # the attention computed them for its output
+                rows = key.probs.sum(dim=2)  # [B, Hkv, S]
+            else:
+                rows = ops.attention_rows(query, key.tensor, key.mask[:, 0, 0], scaling)
             window = slice(first.offset, first.offset + width)
             if mode == "add":
                 self.scores[:, :, window] += rows

@@ -24,6 +24,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import ops
+
 ATTENTION = "d2o_sdpa"
 
 _observer: ContextVar = ContextVar("d2o_observer", default=None)
@@ -49,6 +51,18 @@ class Padded:
 
     tensor: torch.Tensor
     mask: torch.Tensor
+    # Set on keys when the observer needs this layer's probabilities: attention then computes them once,
+    # for its output and for the observer (`probs`, [B, Hkv, n_rep, S] float32), instead of SDPA + a redo.
+    wants_probs: bool = False
+    probs: torch.Tensor | None = None
+
+
+def attend_with_probs(query, key: Padded, value: Padded, scaling: float) -> torch.Tensor:
+    """Attention output [B, 1, Hq, D] (SDPA's layout) from explicit probabilities, kept on `key.probs`."""
+    n_rows, n_q, _, dim = query.shape
+    key.probs = ops.attention_probs(query, key.tensor, key.mask[:, 0, 0], scaling)
+    out = torch.matmul(key.probs.to(value.tensor.dtype), value.tensor)  # [B, Hkv, n_rep, D]
+    return out.reshape(n_rows, 1, n_q, dim)
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -57,7 +71,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, *
     query : [B, Hq, q, D]; key, value : [B, Hkv, S, D] (GQA not expanded), or `Padded` / `Ragged` rows.
     """
     scaling = module.scaling if scaling is None else scaling
-    if isinstance(key, Padded):
+    if isinstance(key, Padded) and key.wants_probs:
+        out = attend_with_probs(query, key, value, scaling)
+    elif isinstance(key, Padded):
         out, _ = sdpa_attention_forward(
             module, query, key.tensor, value.tensor, key.mask, scaling=scaling, **kwargs
         )

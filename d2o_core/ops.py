@@ -72,10 +72,10 @@ def attention_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tor
     return logits.softmax(dim=-1, dtype=torch.float32).sum(dim=1)
 
 
-def attention_rows(
+def attention_probs(
     query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """`attention_row` for a padded batch: one new query per row over that row's stored keys.
+    """One new query per row over that row's stored keys, for a padded batch, per query head.
 
     Parameters
     ----------
@@ -85,14 +85,21 @@ def attention_rows(
 
     Returns
     -------
-    [B, Hkv, S] float32, 0 at padding; each row sums to ``n_rep`` per kv-head.
+    [B, Hkv, n_rep, S] float32 probabilities, 0 at padding (query head ``h`` is ``[h // n_rep, h % n_rep]``).
     """
     n_rows, n_q, _, dim = query.shape
     n_kv = key.shape[1]
     q = query.reshape(n_rows, n_kv, n_q // n_kv, dim)
     logits = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling)  # [B, Hkv, n_rep, S]
     logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).sum(dim=2)
+    return logits.softmax(dim=-1)
+
+
+def attention_rows(
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """`attention_probs` summed per kv-head: [B, Hkv, S] float32; each row sums to ``n_rep``."""
+    return attention_probs(query, key, valid, scaling).sum(dim=2)
 
 
 def window_scores(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int = 1) -> torch.Tensor:

@@ -172,3 +172,25 @@ def test_batch_step_benchmark_reports_ratios_against_the_floor(tiny):
         assert stats["batch_ms"] > 0 and stats["one_ms"] > 0 and stats["ratio"] > 0
     with pytest.raises(ValueError, match="rows must be at least 2"):
         run_batch_step(tiny, prompt_tokens=300, budget=0.25, rows=1, policies=["h2o"])
+
+
+def test_attention_from_explicit_probabilities_matches_sdpa_on_a_padded_gqa_batch():
+    """Score-keeping rows get their probabilities from the attention itself; its output must be SDPA's."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from d2o_core.capture import Padded, attend_with_probs
+
+    torch.manual_seed(0)
+    rows, n_q, n_kv, width, dim = 3, 6, 2, 11, 16
+    query = torch.randn(rows, n_q, 1, dim)
+    keys, values = torch.randn(rows, n_kv, width, dim), torch.randn(rows, n_kv, width, dim)
+    mask = (torch.arange(width)[None, :] < torch.tensor([11, 7, 4])[:, None])[:, None, None, :]
+    module = SimpleNamespace(num_key_value_groups=n_q // n_kv, is_causal=True)
+    expected, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=0.25)
+    key = Padded(keys, mask, wants_probs=True)
+    got = attend_with_probs(query, key, Padded(values, mask), 0.25)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert key.probs.shape == (rows, n_kv, n_q // n_kv, width)
+    assert torch.equal(key.probs[1, :, :, 7:], torch.zeros(n_kv, n_q // n_kv, 4))  # padding gets nothing
