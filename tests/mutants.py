@@ -82,8 +82,8 @@ MUTANTS = {
     ),
     "M11": (
         "d2o_core/cache.py",
-        "self.scores[:, layer.offset : layer.offset + layer.used] += ops.attention_row(",
-        "self.scores[:, layer.offset : layer.offset + layer.used] = ops.attention_row(",
+        "                self.scores[:, window] += row\n",
+        "                self.scores[:, window] = row\n",
         "decode scores not accumulated",
     ),
     "M12": (
