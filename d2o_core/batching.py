@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import evict, ops
-from .cache import PolicyCache
+from .cache import PolicyCache, add_row
 from .capture import Padded, Ragged
 
 
@@ -98,10 +98,9 @@ class _StackedLayer(_RowsLayer):
         batch.kv[1][index] = value_states[:, :, 0]
         batch.positions[index] = torch.tensor(positions, device=slots.device)[:, None]
         if batch.scores is not None:
-            if self.caches[0].fresh_by_position:  # "window" scores: a new entry ranks by recency
-                batch.scores[index] = torch.tensor(positions, device=slots.device)[:, None] + 1.0
-            else:
-                batch.scores[index] = 0.0
+            batch.scores[index] = self.caches[0].new_score(
+                torch.tensor(positions, device=slots.device)[:, None]
+            )
         if batch.norms is not None:
             batch.norms[index] = ops.norms(key_states[:, :, 0])
         used = torch.tensor([layer.used for layer in layers], device=slots.device)
@@ -178,11 +177,9 @@ class StackedBatch(Cache):
                 rows = key.probs.sum(dim=2)  # [B, Hkv, S]
             else:
                 rows = ops.attention_rows(query, key.tensor, key.mask[:, 0, 0], scaling)
-            window = slice(first.offset, first.offset + width)
-            if mode == "add":
-                self.scores[:, :, window] += rows
-            else:  # "replace": padding slots get 0, and are rewritten when claimed
-                self.scores[:, :, window] = rows / (query.shape[1] // key.tensor.shape[1])
+            # "replace" gives padding slots 0; they are rewritten when claimed.
+            window = self.scores[:, :, first.offset : first.offset + width]
+            add_row(window, rows, mode, query.shape[1] // key.tensor.shape[1])
         if layer_idx == len(self.layers) - 1:
             for cache in self.caches:
                 evict.evict_step(cache)

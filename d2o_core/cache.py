@@ -73,6 +73,18 @@ def prefill_needs(policies) -> dict:
     }
 
 
+def add_row(scores: torch.Tensor, row: torch.Tensor, mode: str, n_rep: int) -> None:
+    """Update a view of stored scores in place with one decode step's attention `row` (same shape).
+
+    mode : "add" (accumulated scores) or "replace" (the latest query only, as the mean over the
+    `n_rep` query heads of each kv-head, since `row` sums them).
+    """
+    if mode == "add":
+        scores += row
+    else:
+        scores.copy_(row / n_rep)
+
+
 def prompt_scores(policy: Policy, layer: PrefillLayer, n_kv: int) -> torch.Tensor | None:
     """[Hkv, L] float32 scores of one layer's prompt entries from the policy's score source, or None."""
     source = policy.score_source
@@ -173,7 +185,7 @@ class PolicyLayer(CacheLayerMixin):
         cache.kv[1][index] = value_states[0, :, 0]
         cache.positions[index] = position
         if cache.scores is not None:
-            cache.scores[index] = position + 1.0 if cache.fresh_by_position else 0.0
+            cache.scores[index] = cache.new_score(position)
         if cache.norms is not None:
             cache.norms[index] = ops.norms(key_states[0, :, 0])
         end = self.offset + self.used
@@ -235,7 +247,7 @@ class PolicyCache(Cache):
         self.source = source
         # Decode-time score update: "add" the new attention row, "replace" by it (group mean), or none.
         self.row_mode = {"accumulated": "add", "latest": "replace"}.get(source)
-        self.fresh_by_position = source == "window"  # a new entry scores 1 + position, else 0
+        self.fresh_by_position = source == "window"  # see `new_score`
         self.key_scores = key_scores
         self.heads = torch.arange(n_kv, device=device)
         self.kv = like.new_empty(2, n_kv, total, dim)
@@ -295,14 +307,19 @@ class PolicyCache(Cache):
         """At each layer's attention: update the scores as the policy's source says; after the last, evict."""
         layer = self.layers[layer_idx]
         if self.row_mode is not None and layer.plan.budget is not None:
-            row = ops.attention_row(query, key, scaling)
-            window = slice(layer.offset, layer.offset + layer.used)
-            if self.row_mode == "add":
-                self.scores[:, window] += row
-            else:
-                self.scores[:, window] = row / (query.shape[1] // key.shape[1])
+            window = self.scores[:, layer.offset : layer.offset + layer.used]
+            add_row(
+                window, ops.attention_row(query, key, scaling), self.row_mode, query.shape[1] // key.shape[1]
+            )
         if layer_idx == len(self.layers) - 1:
             evict.evict_step(self)
+
+    def new_score(self, position):
+        """The score a new entry starts with: 1 + its position for "window" scores (recency), else 0.
+
+        position : an int or a tensor of positions (one per row of a stacked batch).
+        """
+        return position + 1.0 if self.fresh_by_position else 0.0
 
     STORES = ("kv", "positions", "scores", "norms")
 

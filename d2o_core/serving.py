@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .batching import RaggedBatch, StackedBatch, can_stack
-from .cache import PolicyCache, PrefillCache
+from .cache import PolicyCache, PrefillCache, prefill_needs
 from .events import EventLog
 from .models import LoadedModel
 from .policies import Policy
@@ -174,7 +174,7 @@ def serve_batch(
 
 def _admit(lm, index, ids, policy, max_new_tokens, temperature, seed) -> tuple[_Row, int]:
     """Prefill one prompt and compress it: its row, and the entries its prefill held."""
-    prefill = PrefillCache(lm.n_layers, record=policy.needs_scores or policy.needs_density)
+    prefill = PrefillCache(lm.n_layers, **prefill_needs([policy]))
     logits = _prefill(lm, prefill, ids)
     cache = PolicyCache.from_prefill(prefill, policy, extra=max_new_tokens + 1, log=EventLog(enabled=False))
     generator = torch.Generator().manual_seed(seed)
