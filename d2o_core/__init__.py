@@ -14,7 +14,7 @@ This package never imports gradio or plotly.
 
 from .models import LoadedModel, from_model, load_model
 from .policies import POLICIES, Policy
-from .result import RunResult
+from .run_result import RunResult
 from .runner import Update, compare, generate, iter_compare
 from .serving import BatchResult, serve_batch
 

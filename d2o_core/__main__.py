@@ -1,7 +1,7 @@
 """Command line: `python -m d2o_core {run,compare,show,sweep,bench,throughput,batch-step,results} ...`.
 
 What this module is: argument parsing and printing only (see --help of each); the work is in
-runner.py, sweep.py, bench.py, throughput.py and batch_step.py. `show` reads a run file
+runner.py and eval/ (sweep, bench, throughput, batch_step, readme_tables). `show` reads a run file
 (runfile.py); its `--html` report draws figures, so it imports `ui.report_html` lazily
 (d2o_core itself never imports plotly or gradio).
 """
@@ -12,16 +12,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import report
+from . import run_summary
 from .models import load_model
 from .policies import POLICIES, build
 from .runner import iter_compare
-from .shapes import NOTICE
+from .shape_models import NOTICE
 
 
 def policies_from_args(names: str, budget: float, assignments: list[str]) -> list:
     """`--policies full,h2o --budget 0.2 --set d2o.variant=official` -> Policy objects."""
-    from .throughput import settings_from_args  # noqa: PLC0415 - keeps `compare` start-up light
+    from .eval.throughput import settings_from_args  # noqa: PLC0415 - keeps `compare` start-up light
 
     settings = settings_from_args(assignments)
     chosen = [n.strip() for n in names.split(",") if n.strip()]
@@ -104,7 +104,7 @@ def cmd_compare(args, stream: bool = False) -> int:
     _print_results(results, texts=not stream)
     if args.json:
         meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": args.max_new_tokens}
-        Path(args.json).write_text(report.comparison_json(results, meta))
+        Path(args.json).write_text(run_summary.comparison_json(results, meta))
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 
@@ -113,10 +113,10 @@ def _print_results(results: dict, texts: bool = True) -> None:
     if texts:
         for label, res in results.items():
             print(f"\n=== {label} ===\n{res.text}")
-    print("\n" + report.summary(results).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    print("\n" + run_summary.summary(results).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     for label, res in results.items():
         if res.layer_budgets["density"].notna().any():
-            print(f"\n{label} per-layer budgets (tokens): {report.budgets_line(res)}")
+            print(f"\n{label} per-layer budgets (tokens): {run_summary.budgets_line(res)}")
 
 
 def cmd_show(args) -> int:
@@ -152,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show", help="print a saved run (--json of compare, or the page's run.json)")
     p.add_argument("path", help="a run file (d2o-run/1 JSON)")
     p.add_argument("--html", default=None, help="also write a standalone HTML report with every figure here")
-    from . import batch_step, bench, results, sweep, throughput  # noqa: PLC0415 - light `compare` start-up
+    from .eval import batch_step, bench, readme_tables, sweep, throughput  # noqa: PLC0415 - light `compare` start-up
 
     sweep.add_parser(sub, _model_args)
     bench.add_parser(sub, _model_args)
     throughput.add_parser(sub, _model_args)
-    results.add_parser(sub, _model_args)
+    readme_tables.add_parser(sub, _model_args)
     batch_step.add_parser(sub, _model_args)
     args = parser.parse_args(argv)
     try:

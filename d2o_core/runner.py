@@ -11,7 +11,7 @@ first different token, where a copy of its cache is forked and fed the full cach
 tokens from then on (in the same batches).
 
 What it is not: no policy maths (policies/, ops.py), no figures, no result assembly
-(result.py). One prompt at a time.
+(run_result.py). One prompt at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .capture import observing
 from .events import EventLog
 from .models import LoadedModel
 from .policies import Policy
-from .result import RunResult, decode_text, make_result
+from .run_result import RunResult, decode_text, make_result
 
 MAX_NEW_TOKENS = 2048
 

@@ -31,7 +31,7 @@ from .cache import PolicyCache, PrefillCache, prefill_needs
 from .events import EventLog
 from .models import LoadedModel
 from .policies import Policy
-from .result import decode_text
+from .run_result import decode_text
 from .runner import _decode, _pick, _prefill, encode
 
 MB = 1024 * 1024

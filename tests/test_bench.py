@@ -10,8 +10,8 @@ import math
 
 import pytest
 
-from d2o_core import bench
 from d2o_core.__main__ import main
+from d2o_core.eval import bench
 
 LENGTH = 300  # the smallest passkey prompt is ~240 characters (= tokens with the CharTokenizer)
 POLICY_KEYS = {"prefill_seconds", "decode_ms_per_token", "kv_bytes_final", "kv_bytes_peak"}

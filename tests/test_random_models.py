@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import d2o_core
-from d2o_core import bench, models, shapes
+from d2o_core import models, shape_models
 from d2o_core.__main__ import main
+from d2o_core.eval import bench
 
 CPU = torch.device("cpu")
 
@@ -21,7 +22,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="session")
 def tokenizer():
     try:
-        return shapes.tokenizer()
+        return shape_models.tokenizer()
     except ValueError as exc:
         pytest.skip(f"no tokenizer for random: models here ({exc})")
 
@@ -36,8 +37,8 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_the_same_seed_gives_the_same_weights_and_another_seed_others(tokenizer, rtiny):
-    config = shapes.shape_config("tiny", tokenizer)
-    again = weights(shapes.build_model(config, 0, CPU, torch.float32))
+    config = shape_models.shape_config("tiny", tokenizer)
+    again = weights(shape_models.build_model(config, 0, CPU, torch.float32))
     first = weights(rtiny.model)
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -60,7 +61,10 @@ def test_dtype_and_device_are_respected(tokenizer):
 
 
 def test_paper_shapes_match_the_published_configs_without_building_weights(tokenizer):
-    l2, l3 = shapes.shape_config("llama-2-7b", tokenizer), shapes.shape_config("llama-3-8b", tokenizer)
+    l2, l3 = (
+        shape_models.shape_config("llama-2-7b", tokenizer),
+        shape_models.shape_config("llama-3-8b", tokenizer),
+    )
     for c in (l2, l3):
         assert (c.num_hidden_layers, c.num_attention_heads, c.head_dim, c.hidden_size) == (32, 32, 128, 4096)
     assert (l2.num_key_value_heads, l2.intermediate_size, l2.rope_parameters["rope_theta"]) == (
@@ -69,13 +73,13 @@ def test_paper_shapes_match_the_published_configs_without_building_weights(token
         1e4,
     )
     assert (l3.num_key_value_heads, l3.intermediate_size, l3.rope_parameters["rope_theta"]) == (8, 14336, 5e5)
-    assert l3.vocab_size == 128256 and shapes.shape_config("llama-2-7b").vocab_size == 32000
+    assert l3.vocab_size == 128256 and shape_models.shape_config("llama-2-7b").vocab_size == 32000
     # On the meta device nothing is allocated; the parameter counts are the published ones.
     counts = {
         shape: sum(
             p.numel()
-            for p in shapes.build_model(
-                shapes.shape_config(shape), 0, torch.device("meta"), torch.bfloat16
+            for p in shape_models.build_model(
+                shape_models.shape_config(shape), 0, torch.device("meta"), torch.bfloat16
             ).parameters()
         )
         for shape in ("llama-2-7b", "llama-3-8b")
@@ -85,7 +89,7 @@ def test_paper_shapes_match_the_published_configs_without_building_weights(token
 
 def test_the_vocabulary_covers_every_token_of_the_tokenizer(tokenizer, rtiny):
     assert len(tokenizer) > 32000
-    assert shapes.shape_config("llama-2-7b", tokenizer).vocab_size == len(tokenizer)  # widened
+    assert shape_models.shape_config("llama-2-7b", tokenizer).vocab_size == len(tokenizer)  # widened
     assert rtiny.config.vocab_size >= len(rtiny.tokenizer)
     assert rtiny.model.get_input_embeddings().weight.shape[0] >= len(rtiny.tokenizer)
 
@@ -132,14 +136,14 @@ def test_a_tokenizer_folder_from_the_environment_is_used(tokenizer, tmp_path, mo
     tokenizer.save_pretrained(tmp_path)
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # no bundled package
     monkeypatch.setenv("D2O_TOKENIZER", str(tmp_path))
-    assert shapes.tokenizer()("hello there")["input_ids"] == tokenizer("hello there")["input_ids"]
+    assert shape_models.tokenizer()("hello there")["input_ids"] == tokenizer("hello there")["input_ids"]
 
 
 @pytest.mark.integration
 def test_the_tokenizer_loads_from_the_gguf_without_converting_the_model(tokenizer, tmp_path, monkeypatch):
     monkeypatch.delenv("D2O_TOKENIZER", raising=False)
     monkeypatch.setenv("D2O_CACHE_DIR", str(tmp_path))  # no converted folder here
-    assert shapes.tokenizer()("hello there")["input_ids"] == tokenizer("hello there")["input_ids"]
+    assert shape_models.tokenizer()("hello there")["input_ids"] == tokenizer("hello there")["input_ids"]
     assert not any(tmp_path.iterdir())
 
 

@@ -16,7 +16,7 @@ from helpers import TEXT
 
 import d2o_core
 from d2o_core import __main__ as cli
-from d2o_core import report, runfile
+from d2o_core import run_summary, runfile
 from ui import handlers as H
 from ui.open_run import open_run
 from ui.report_html import report_figures, report_html
@@ -61,7 +61,7 @@ def test_a_reopened_run_holds_exactly_the_same_frames_texts_and_metrics(results,
         assert (got.label, got.text, got.token_ids) == (res.label, res.text, res.token_ids)
         assert (got.prompt_tokens, got.generated_tokens) == (res.prompt_tokens, res.generated_tokens)
         assert got.settings == res.settings and same_metrics(got.metrics, res.metrics)
-    pd.testing.assert_frame_equal(report.summary(back), report.summary(results))
+    pd.testing.assert_frame_equal(run_summary.summary(back), run_summary.summary(results))
     assert runfile.load_run(runfile.save_run(back, meta))[0].keys() == back.keys()  # saves again
 
 

@@ -164,7 +164,7 @@ def test_release_gives_rows_their_own_storage_back():
 
 
 def test_batch_step_benchmark_reports_ratios_against_the_floor(tiny):
-    from d2o_core.batch_step import run_batch_step
+    from d2o_core.eval.batch_step import run_batch_step
 
     out = run_batch_step(tiny, prompt_tokens=300, budget=0.25, rows=3, policies=["h2o", "d2o"], steps=2)
     assert set(out["policies"]) == {"h2o", "d2o"} and out["floor"]["entries"] > 0

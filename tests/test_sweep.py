@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from helpers import TEXT
 
-from d2o_core import models, results, runner, sweep, tasks
+from d2o_core import models, runner
 from d2o_core.__main__ import main
+from d2o_core.eval import readme_tables, sweep, tasks
 from d2o_core.policies import build
 
 LENGTH = 300
@@ -170,19 +171,20 @@ def test_cli_sweep_rejects_bad_input_before_loading(monkeypatch, capsys, bad):
 
 
 def test_replace_block_replaces_only_between_the_markers():
-    text = f"# T\n\nintro\n{results.START}\nold 1\nold 2\n{results.END}\nrest\n"
+    text = f"# T\n\nintro\n{readme_tables.START}\nold 1\nold 2\n{readme_tables.END}\nrest\n"
     assert (
-        results.replace_block(text, "new\n") == f"# T\n\nintro\n{results.START}\nnew\n{results.END}\nrest\n"
+        readme_tables.replace_block(text, "new\n")
+        == f"# T\n\nintro\n{readme_tables.START}\nnew\n{readme_tables.END}\nrest\n"
     )
-    assert results.replace_block(text.replace(results.END, ""), "new") is None
-    assert results.replace_block(f"{results.END}\n{results.START}\n", "new") is None
-    assert results.replace_block(text + results.START + "\n", "new") is None
+    assert readme_tables.replace_block(text.replace(readme_tables.END, ""), "new") is None
+    assert readme_tables.replace_block(f"{readme_tables.END}\n{readme_tables.START}\n", "new") is None
+    assert readme_tables.replace_block(text + readme_tables.START + "\n", "new") is None
 
 
 def test_markdown_formats_numbers_and_missing_values():
     df = pd.DataFrame({"policy": ["h2o"], "n": [512], "x": [0.123456], "big": [2048.4], "kl": [math.nan]})
     assert (
-        results.markdown(df)
+        readme_tables.markdown(df)
         == "| policy | n | x | big | kl |\n| --- | --- | --- | --- | --- |\n| h2o | 512 | 0.123 | 2048 | – |"
     )
 
@@ -190,17 +192,20 @@ def test_markdown_formats_numbers_and_missing_values():
 @pytest.fixture
 def small_results(cli_tiny, monkeypatch):
     config = dict(SMALL, tasks=("kv",), samples=1, budgets=(0.5,), policy_names=("full", "h2o"))
-    monkeypatch.setattr(results, "RESULTS_SWEEP", config | dict(max_new_tokens=3, seed=0))
+    monkeypatch.setattr(readme_tables, "RESULTS_SWEEP", config | dict(max_new_tokens=3, seed=0))
     bench = dict(
         prompt_tokens=(LENGTH,), budget=0.5, new_tokens=2, repeats=1, load=False, policy_names=("full", "h2o")
     )
-    monkeypatch.setattr(results, "RESULTS_BENCH", bench)
+    monkeypatch.setattr(readme_tables, "RESULTS_BENCH", bench)
     throughput = dict(prompt_tokens=LENGTH, budget=0.5, new_tokens=2, policies=("full", "h2o"), batches=(1,))
-    monkeypatch.setattr(results, "RESULTS_THROUGHPUT", throughput)
+    monkeypatch.setattr(readme_tables, "RESULTS_THROUGHPUT", throughput)
 
 
 def test_results_rewrites_the_readme_block_and_writes_the_files(small_results, tmp_path):
-    before, after = "# Title\n\nintro\n" + results.START + "\n", results.END + "\n\n## Next\nrest\n"
+    before, after = (
+        "# Title\n\nintro\n" + readme_tables.START + "\n",
+        readme_tables.END + "\n\n## Next\nrest\n",
+    )
     readme = tmp_path / "README.md"
     readme.write_text(before + "old results\n" + after)
     assert main(["results", "--readme", str(readme), "--out", str(tmp_path / "out")]) == 0

@@ -1,4 +1,4 @@
-"""Tests for d2o_core.tasks: generated RULER-style retrieval prompts and their scoring."""
+"""Tests for d2o_core.eval.tasks: generated RULER-style retrieval prompts and their scoring."""
 
 import importlib.util
 import math
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from d2o_core import tasks
+from d2o_core.eval import tasks
 
 words = lambda s: len(s.split())  # cheap stand-in for a tokenizer
 DEPTHS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)

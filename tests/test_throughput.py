@@ -16,10 +16,11 @@ import plotly.graph_objects as go
 import pytest
 from conftest import tiny_model
 
-from d2o_core import shapes, throughput_report
+from d2o_core import shape_models
 from d2o_core.__main__ import main
-from d2o_core.report import jsonable
-from d2o_core.throughput import make_policies, run_throughput
+from d2o_core.eval import throughput_tables
+from d2o_core.eval.throughput import make_policies, run_throughput
+from d2o_core.run_summary import jsonable
 from ui import throughput_figures as TF
 from ui import throughput_tab as T
 from ui.engine import Engine
@@ -46,7 +47,7 @@ def by_mode(doc: dict, mode: str) -> dict:
 def test_the_document_has_every_documented_key_and_is_strict_json(doc):
     assert {"rows", "machine", "prompt_tokens", "new_tokens", "ratios", "kv_mb_cap", "date"} <= set(doc)
     for row in doc["rows"]:
-        assert set(throughput_report.ROW_KEYS) <= set(row) and row["mode"] in ("cap", "sweep")
+        assert set(throughput_tables.ROW_KEYS) <= set(row) and row["mode"] in ("cap", "sweep")
     assert LENGTH - 30 < doc["prompt_tokens"] <= LENGTH and doc["new_tokens"] == 3
     assert {"cpu", "cores", "torch", "device", "model"} <= set(doc["machine"])
     assert set(doc["ratios"]) == {f"{p}_over_full_{k}" for p in ("h2o", "d2o") for k in ("at_cap", "single")}
@@ -103,9 +104,9 @@ def test_bad_input_gets_a_sentence(lm, kwargs, message):
 
 
 def test_rows_under_cap_counts_like_serve_batch():
-    assert throughput_report.rows_under_cap(10.0, 2.5) == 4
-    assert throughput_report.rows_under_cap(10.0, 3.0) == 3
-    assert throughput_report.rows_under_cap(1.0, 2.0) == 0
+    assert throughput_tables.rows_under_cap(10.0, 2.5) == 4
+    assert throughput_tables.rows_under_cap(10.0, 3.0) == 3
+    assert throughput_tables.rows_under_cap(1.0, 2.0) == 0
 
 
 def hand_doc() -> dict:
@@ -124,7 +125,7 @@ def hand_doc() -> dict:
     ]
     return {
         "rows": rows,
-        "ratios": throughput_report.ratios(rows),
+        "ratios": throughput_tables.ratios(rows),
         "machine": {"model": "m"},
         "date": "2026-01-01",
     }
@@ -134,14 +135,14 @@ def test_ratios_tables_and_sentences_from_hand_made_numbers():
     doc = hand_doc()
     assert doc["ratios"]["d2o_over_full_at_cap"] == pytest.approx(3.4)
     assert doc["ratios"]["d2o_over_full_single"] == pytest.approx(0.9)
-    assert throughput_report.ratio_lines(doc) == [
+    assert throughput_tables.ratio_lines(doc) == [
         "d2o at the cap: 3.4x the full cache's tokens/s (batch 5 against 1; one row alone: 0.90x)"
     ]
-    cap = throughput_report.cap_table(doc)
+    cap = throughput_tables.cap_table(doc)
     assert list(cap["policy"]) == ["full", "d2o"] and list(cap["x full"]) == pytest.approx([1.0, 3.4])
-    sweep = throughput_report.sweep_table(doc)
+    sweep = throughput_tables.sweep_table(doc)
     assert list(sweep.columns) == ["policy", "batch 1 tok/s", "batch 2 tok/s"]
-    assert len(throughput_report.table(doc)) == 6
+    assert len(throughput_tables.table(doc)) == 6
 
 
 def test_figures_draw_a_hand_made_frame():
@@ -222,7 +223,7 @@ def test_stop_ends_the_worker_thread(engine):
 
 def test_cli_writes_the_json(tmp_path, capsys):
     try:
-        shapes.tokenizer()
+        shape_models.tokenizer()
     except ValueError as exc:
         pytest.skip(f"no tokenizer for random: models here ({exc})")
     out = tmp_path / "tp.json"

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from d2o_core import POLICIES, iter_compare, report
+from d2o_core import POLICIES, iter_compare, run_summary
 from d2o_core.events import EVENTS_SCHEMA, STEPS_SCHEMA, SURVIVAL_SCHEMA, frame
 from d2o_core.policies import build
 from d2o_core.policies.d2o import VARIANTS
-from d2o_core.shapes import NOTICE
+from d2o_core.shape_models import NOTICE
 
 from . import figures
 from .engine import Engine, gpu
@@ -217,12 +217,12 @@ def results_page(results: dict, status: str, meta: dict, column: dict | None = N
     first = next(iter(results.values())).metrics
     layer = first["n_layers"] // 2
     state = {"results": results, "model": meta.get("model"), "n_prompt": first["prompt_tokens"], "meta": meta}
-    out = {f"stats:{column[label]}": report.stats_line(results[label].metrics) for label in column}
+    out = {f"stats:{column[label]}": run_summary.stats_line(results[label].metrics) for label in column}
     out |= {f"text:{column[label]}": results[label].text for label in column}
     out |= {
         "status": status,
         "state": state,
-        "summary": report.summary(results).round(3),
+        "summary": run_summary.summary(results).round(3),
         "budget_fig": budget_figure(results),
         "drift_fig": drift_figure(results),
         "view": gr.update(choices=labels, value=view),
@@ -233,12 +233,12 @@ def results_page(results: dict, status: str, meta: dict, column: dict | None = N
 
 
 def budget_figure(results: dict):
-    return figures.budget_heatmap(report.combined(results, "layer_budgets"))
+    return figures.budget_heatmap(run_summary.combined(results, "layer_budgets"))
 
 
 def drift_figure(results: dict):
     """Drift of every policy but the reference itself."""
-    return figures.drift(report.combined({k: v for k, v in results.items() if k != "full"}, "drift"))
+    return figures.drift(run_summary.combined({k: v for k, v in results.items() if k != "full"}, "drift"))
 
 
 def policy_views(state: dict | None, label: str, layer: int, head: int) -> dict:
@@ -272,8 +272,8 @@ def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> 
     results = state["results"]
     folder = Path(tempfile.mkdtemp(prefix="d2o-run-"))
     files = {
-        "events.csv": report.events_csv(results),
-        "run.json": report.comparison_json(results, state.get("meta") or {"model": state["model"]}),
+        "events.csv": run_summary.events_csv(results),
+        "run.json": run_summary.comparison_json(results, state.get("meta") or {"model": state["model"]}),
     }
     views = policy_views(state, label, layer, head)
     figs = {
@@ -339,7 +339,7 @@ def api_compare(
         lm = engine.get()
         stream = _stream(lm, prompt, chosen, int(max_new_tokens), Controls())
         results = next(update.results for update in stream if update.kind == "done")
-    return report.jsonable(
+    return run_summary.jsonable(
         {"results": {label: {"text": res.text, "metrics": res.metrics} for label, res in results.items()}}
     )
 
@@ -354,7 +354,7 @@ def run_sweep(
     progress=None,
 ):
     """The Budget sweep tab: fidelity to the full cache vs budget on the user's prompt."""
-    from d2o_core import sweep  # noqa: PLC0415 - only this tab needs it
+    from d2o_core.eval import sweep  # noqa: PLC0415 - only this tab needs it
 
     with page_errors("The sweep"):
         names = [n for n in (names or []) if n != "full"]

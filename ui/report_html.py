@@ -16,8 +16,8 @@ import html
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from d2o_core import report
-from d2o_core.result import RunResult
+from d2o_core import run_summary
+from d2o_core.run_result import RunResult
 
 from . import figures
 
@@ -25,9 +25,9 @@ from . import figures
 def report_figures(results: dict[str, RunResult]) -> dict[str, go.Figure]:
     """Every figure of the page for `results`, keyed by a title (per-policy ones once per policy)."""
     figs = {
-        "Per-layer budgets": figures.budget_heatmap(report.combined(results, "layer_budgets")),
+        "Per-layer budgets": figures.budget_heatmap(run_summary.combined(results, "layer_budgets")),
         "Drift from the full cache": figures.drift(
-            report.combined({k: v for k, v in results.items() if k != "full"}, "drift")
+            run_summary.combined({k: v for k, v in results.items() if k != "full"}, "drift")
         ),
     }
     for label, res in results.items():
@@ -66,9 +66,9 @@ def report_html(results: dict[str, RunResult], meta: dict | None = None) -> str:
         parts.append(f"<h2>Prompt</h2><pre>{esc(meta['prompt'])}</pre>")
     parts.append("<h2>Texts</h2>")
     for label, res in results.items():
-        parts.append(f"<h3>{esc(label)}</h3><p class='meta'>{esc(report.stats_line(res.metrics))}</p>")
+        parts.append(f"<h3>{esc(label)}</h3><p class='meta'>{esc(run_summary.stats_line(res.metrics))}</p>")
         parts.append(f"<pre>{esc(res.text)}</pre>")
-    table = report.summary(results).round(3).to_html(index=False, na_rep="–", border=0)
+    table = run_summary.summary(results).round(3).to_html(index=False, na_rep="–", border=0)
     parts.append(f"<h2>Summary</h2>{table}<h2>Figures</h2>")
     for title, fig in report_figures(results).items():
         parts.append(f"<h3>{esc(title)}</h3>")

@@ -1,6 +1,6 @@
 """Plotly figures of the Throughput tab: throughput rows in, `go.Figure` out.
 
-What this module is: two pure builders over the rows of `d2o_core.throughput.run_throughput`
+What this module is: two pure builders over the rows of `d2o_core.eval.throughput.run_throughput`
 (one row per policy and batch, `mode` "cap" or "sweep"): tokens/s against batch size with each
 policy's largest batch under the cap marked (`tokens_vs_batch`), and tokens/s at the cap per
 policy with the ratio to the full cache on each bar (`cap_bars`). Colours follow

@@ -6,7 +6,7 @@ What this module is: `build(engine, model)` (the tab's components and events, ca
 missing or broken), `run_live` reruns the benchmark on the page's model with a progress bar,
 in a worker thread that the Stop button ends at its next progress report.
 
-What it is not: the measurement (`d2o_core.throughput`) or the figures (`ui/throughput_figures.py`).
+What it is not: the measurement (`d2o_core.eval.throughput`) or the figures (`ui/throughput_figures.py`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from d2o_core import throughput_report
-from d2o_core.report import jsonable
-from d2o_core.throughput import check_batches, make_policies, run_throughput
+from d2o_core.eval import throughput_tables
+from d2o_core.eval.throughput import check_batches, make_policies, run_throughput
+from d2o_core.run_summary import jsonable
 
 from . import throughput_figures as TF
 from .engine import Engine, gpu
@@ -104,8 +104,8 @@ def explain(doc: dict) -> str:
 def view(doc: dict | None, sentence: str) -> dict:
     """Every output of the tab from one document (None: empty figures and the sentence saying why)."""
     df = pd.DataFrame((doc or {}).get("rows") or [])
-    lines = throughput_report.ratio_lines(doc) if doc else []
-    table = throughput_report.table(doc) if doc else pd.DataFrame()
+    lines = throughput_tables.ratio_lines(doc) if doc else []
+    table = throughput_tables.table(doc) if doc else pd.DataFrame()
     return {
         "tp_status": sentence + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""),
         "tp_bars": TF.cap_bars(df),

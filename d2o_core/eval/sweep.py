@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 
+from ..policies import POLICIES, build
+from ..runner import compare, result_labels
 from . import bench
-from .policies import POLICIES, build
-from .runner import compare, result_labels
 from .tasks import TASKS, make_suite, score
 
 FIDELITY = ("token_agreement", "mean_kl_to_full", "nll_of_reference", "kv_fraction")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import bench, throughput_report
-from .policies import POLICIES
-from .report import jsonable
-from .shapes import NOTICE
+from ..policies import POLICIES
+from ..run_summary import jsonable
+from ..shape_models import NOTICE
+from . import bench, throughput_tables
 from .sweep import fidelity_table, run_sweep, score_table
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -111,7 +111,7 @@ def results_block(df: pd.DataFrame, doc: dict, seconds: float) -> str:
 def throughput_block(doc: dict) -> str:
     """The README throughput block: settings and machine, the table at the cap, the sweep, the ratios."""
     m = doc["machine"]
-    sweep = throughput_report.sweep_table(doc)
+    sweep = throughput_tables.sweep_table(doc)
     return "\n".join(
         [
             f"Measured {doc.get('date', 'on an unrecorded date')} ({doc['wall_seconds'] / 60:.1f} min): "
@@ -122,9 +122,9 @@ def throughput_block(doc: dict) -> str:
             + (" (one full-cache row)." if doc.get("kv_cap_default", True) else ".")
             + (f" Note: {NOTICE}" if m.get("shape_only") else ""),
             "",
-            markdown(throughput_report.cap_table(doc)),
+            markdown(throughput_tables.cap_table(doc)),
             "",
-            *[f"- {line}" for line in throughput_report.ratio_lines(doc)],
+            *[f"- {line}" for line in throughput_tables.ratio_lines(doc)],
             *(
                 ["", "Tokens/s by batch size, regardless of the cap:", "", markdown(sweep)]
                 if len(sweep)

@@ -2,7 +2,7 @@
 
 What this module is: `run_throughput` (the measurement, through `serving.serve_batch`), the
 policy specs it takes (`make_policies`: "d2o:official" too) and the `throughput` subcommand; the
-pure tables and ratios it prints are in throughput_report.py. Every policy gets the same cap
+pure tables and ratios it prints are in throughput_tables.py. Every policy gets the same cap
 (default: the KV of ONE full-cache row of the prompt length plus its new tokens). Cap mode finds
 the largest batch under it; with `batches`, a sweep also runs each batch size regardless of the
 cap, for the plot.
@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..policies import POLICIES, Policy, build
+from ..run_summary import jsonable
+from ..serving import BatchResult, full_cache_mb, serve_batch
 from . import bench
-from .policies import POLICIES, Policy, build
-from .report import jsonable
-from .serving import BatchResult, full_cache_mb, serve_batch
-from .throughput_report import ratio_lines, ratios, rows_under_cap, table
+from .throughput_tables import ratio_lines, ratios, rows_under_cap, table
 
 MAX_ROWS = 64  # a cap that fits more rows than this is almost surely a typo
 Progress = Callable[[int, int, str], None]
@@ -140,7 +140,7 @@ def run_throughput(
 
     Returns
     -------
-    dict (JSON-ready after `report.jsonable`): rows (`ROW_KEYS` plus kv_mb_row, prefill_seconds and,
+    dict (JSON-ready after `run_summary.jsonable`): rows (`ROW_KEYS` plus kv_mb_row, prefill_seconds and,
     for cap rows, single_tokens_per_second: one row alone), machine, prompt_tokens (actual),
     target_tokens, new_tokens, budget, kv_mb_cap, kv_cap_default, date, policies, batches, ratios,
     wall_seconds.

@@ -14,7 +14,7 @@ import math
 
 import pandas as pd
 
-from .metrics import ratio
+from ..metrics import ratio
 
 MB = 1024 * 1024  # as serving.py counts
 ROW_KEYS = (

@@ -51,12 +51,12 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from . import models
-from .metrics import ratio
-from .policies import POLICIES, Policy, build
-from .report import jsonable
-from .runner import compare, encode, generate
-from .shapes import NOTICE
+from .. import models
+from ..metrics import ratio
+from ..policies import POLICIES, Policy, build
+from ..run_summary import jsonable
+from ..runner import compare, encode, generate
+from ..shape_models import NOTICE
 from .tasks import make_sample
 
 PAIRS = (("h2o", "full"), ("d2o", "full"), ("d2o", "h2o"))
@@ -82,7 +82,7 @@ def machine_info(lm: models.LoadedModel) -> dict:
         cpu=cpu, cores=cores, torch_threads=torch.get_num_threads(), platform=platform.platform(),
         python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
         device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), model=lm.name,
-        shape_only=lm.shape_only,  # random weights (shapes.py): only the timings and memory count
+        shape_only=lm.shape_only,  # random weights (shape_models.py): only the timings and memory count
     )  # fmt: skip
     if lm.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(lm.device)
@@ -201,7 +201,7 @@ def ratio_table(doc: dict) -> pd.DataFrame:
 
 def measure_load(model: str | None = None, device: str | None = None, dtype: str | None = None) -> dict:
     """Load time in fresh processes: cold (empty D2O_CACHE_DIR: converts), then cached (same dir)."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the repository, so d2o_core imports
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="d2o-bench-load-") as tmp:
         env = {**os.environ, "D2O_CACHE_DIR": tmp}

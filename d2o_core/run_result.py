@@ -98,7 +98,7 @@ def make_result(lm: LoadedModel, ids: list[int], run, with_fidelity: bool) -> Ru
         "n_kv_heads": lm.n_kv_heads,
         "head_dim": lm.head_dim,
         "model": lm.name,
-        "shape_only": lm.shape_only,  # random weights (shapes.py): the text is meaningless
+        "shape_only": lm.shape_only,  # random weights (shape_models.py): the text is meaningless
     }
     return RunResult(
         label=run.label,

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from . import runner, serving
-from .batching import StackedBatch
-from .models import LoadedModel, load_model
-from .policies import build
+from .. import runner, serving
+from ..batching import StackedBatch
+from ..models import LoadedModel, load_model
+from ..policies import build
 from .tasks import make_sample
 
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .result import RunResult
+from .run_result import RunResult
 
 
 def jsonable(value):
