@@ -81,8 +81,8 @@ def test_policy_colours_are_fixed_per_family_and_independent_of_order():
     )
     assert colours["full"] in {"#4d4d4d", "#000000", "#969696", "#252525"}  # grey family
     # A variant gets a shade of its family, not another family's colour.
-    assert colours["d2o(variant=official)"] in figures._FAMILIES["d2o"]
-    assert colours["mystery"] not in {c for shades in figures._FAMILIES.values() for c in shades}
+    assert colours["d2o(variant=official)"] in figures.common._FAMILIES["d2o"]
+    assert colours["mystery"] not in {c for shades in figures.common._FAMILIES.values() for c in shades}
 
 
 def test_budget_heatmap_cells_hold_each_policys_fraction_and_density_sits_beside():

@@ -21,9 +21,9 @@ from d2o_core.__main__ import main
 from d2o_core.eval import throughput_tables
 from d2o_core.eval.throughput import make_policies, run_throughput
 from d2o_core.run_summary import jsonable
-from ui import throughput_figures as TF
 from ui import throughput_tab as T
 from ui.engine import Engine
+from ui.figures import throughput as TF
 from ui.layout import build_demo
 
 LENGTH = 300  # the smallest passkey prompt is ~240 characters (= tokens with the CharTokenizer)

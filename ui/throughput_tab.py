@@ -6,7 +6,7 @@ What this module is: `build(engine, model)` (the tab's components and events, ca
 missing or broken), `run_live` reruns the benchmark on the page's model with a progress bar,
 in a worker thread that the Stop button ends at its next progress report.
 
-What it is not: the measurement (`d2o_core.eval.throughput`) or the figures (`ui/throughput_figures.py`).
+What it is not: the measurement (`d2o_core.eval.throughput`) or the figures (`ui/figures/throughput.py`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from d2o_core.eval import throughput_tables
 from d2o_core.eval.throughput import check_batches, make_policies, run_throughput
 from d2o_core.run_summary import jsonable
 
-from . import throughput_figures as TF
 from .engine import Engine, gpu
+from .figures import throughput as TF
 from .handlers import page_errors
 
 STORED = Path(__file__).resolve().parent.parent / "assets" / "throughput.json"

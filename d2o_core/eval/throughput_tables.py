@@ -4,7 +4,7 @@ What this module is: how many rows fit under a cap (`rows_under_cap`), the ratio
 cache (`ratios`), the tables the CLI, README and app show (`table`, `cap_table`, `sweep_table`)
 and the ratio sentences (`ratio_lines`). Plain dicts and numbers in, numbers, frames or text out.
 
-What it is not: the measurement (throughput.py) or the figures (ui/throughput_figures.py); it runs
+What it is not: the measurement (throughput.py) or the figures (ui/figures/throughput.py); it runs
 no model and does no I/O.
 """
 

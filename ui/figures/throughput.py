@@ -15,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from .figures import _empty, _layout, policy_colours
+from .common import _empty, _layout, policy_colours
 
 NO_DATA = "No throughput results: run the benchmark (Run live, or `make results`)"
 NEEDED = ("policy", "batch", "tokens_per_second", "mode")
