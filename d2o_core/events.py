@@ -1,8 +1,8 @@
 """The run record: schemas of the frames a run produces, and the log that fills them.
 
 What this module is: the single place that defines the columns and dtypes of
-`events`, `steps`, `layer_budgets`, `drift` and the derived `survival` frame,
-plus `EventLog`, which the cache writes to while generating (tensors only, no
+`events`, `steps`, `layer_budgets`, `drift`, the prompt's `attention` and the derived
+`survival` and `kept` frames, plus `EventLog`, which the cache writes to while generating (tensors only, no
 per-step host syncs) and which turns into DataFrames once at the end.
 
 What it is not: it computes no policy decisions and draws nothing; figures in
@@ -61,6 +61,25 @@ SURVIVAL_SCHEMA = {
     "evicted_share": "float64",  # share that dropped it outright
     "is_sink": "bool",
 }
+
+ATTENTION_SCHEMA = {
+    "layer": "int64",
+    "head": "int64",  # kv-head
+    "position": "int64",  # prompt position (the key)
+    "token": "str",
+    "column_sum": "float64",  # attention the key received from all prompt queries of the kv-head's group
+    "density": "float64",  # the layer's D2O F_l (same on every row of a layer)
+}
+
+KEPT_SCHEMA = {
+    "position": "int64",  # prompt position
+    "token": "str",
+    "state": "str",  # KEPT_STATES: what one (layer, kv-head) did with the token by the end of the run
+}
+KEPT_STATES = ("sink", "kept", "merged", "evicted")
+
+# Significant digits of `column_sum`: the frame is rounded when built, so a saved run reopens bit-identical.
+ATTENTION_DIGITS = 5
 
 
 def frame(columns: dict, schema: dict[str, str]) -> pd.DataFrame:
@@ -180,3 +199,88 @@ def survival_frame(events: pd.DataFrame, prompt_tokens: list[str], n_slots: int,
         },
         SURVIVAL_SCHEMA,
     )
+
+
+def round_significant(values: np.ndarray, digits: int = ATTENTION_DIGITS) -> np.ndarray:
+    """`values` (any shape) rounded to `digits` significant digits, as float64 with short decimal forms.
+
+    Formatting through text gives the float nearest the rounded decimal, whose JSON form is that
+    decimal (numpy's scale-and-round can land one ulp off and print 17 digits).
+    """
+    flat = np.asarray(values, dtype=np.float64).ravel().tolist()
+    spec = f"%.{digits}g"
+    return np.array([float(spec % v) for v in flat], dtype=np.float64).reshape(np.shape(values))
+
+
+def attention_frame(column_sums: np.ndarray, density, prompt_tokens: list[str]) -> pd.DataFrame:
+    """The prompt's attention per (layer, kv-head, position), in that order (ATTENTION_SCHEMA).
+
+    Parameters
+    ----------
+    column_sums : [L, Hkv, Lp] array
+        Column sums of the causal prompt attention, the query heads of each kv-head group summed;
+        rounded here to ATTENTION_DIGITS significant digits.
+    density : [L] sequence of float
+        Each layer's D2O F_l (computed over the per-query-head sums, before grouping).
+    prompt_tokens : list of str, length Lp
+    """
+    col = np.asarray(column_sums, dtype=np.float64)
+    if col.size == 0:
+        return frame({}, ATTENTION_SCHEMA)
+    n_layers, n_kv, n_prompt = col.shape
+    if len(prompt_tokens) != n_prompt or len(density) != n_layers:
+        raise ValueError(
+            f"attention of {n_layers} layers x {n_prompt} positions needs as many densities and tokens; "
+            f"got {len(density)} and {len(prompt_tokens)}"
+        )
+    rows = n_kv * n_prompt
+    return frame(
+        {
+            "layer": np.repeat(np.arange(n_layers), rows),
+            "head": np.tile(np.repeat(np.arange(n_kv), n_prompt), n_layers),
+            "position": np.tile(np.arange(n_prompt), n_layers * n_kv),
+            "token": np.tile(np.asarray(prompt_tokens, dtype=object), n_layers * n_kv),
+            "column_sum": round_significant(col).ravel(),
+            "density": np.repeat(np.asarray(density, dtype=np.float64), rows),
+        },
+        ATTENTION_SCHEMA,
+    )
+
+
+def attention_array(attention: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `attention_frame`: ([L, Hkv, Lp] column sums, [L] densities); empty arrays when empty."""
+    if attention.empty:
+        return np.zeros((0, 0, 0)), np.zeros(0)
+    df = attention.sort_values(["layer", "head", "position"], kind="stable")
+    shape = (df["layer"].nunique(), df["head"].nunique(), df["position"].nunique())
+    if shape[0] * shape[1] * shape[2] != len(df):
+        raise ValueError(
+            f"attention frame is not a full layer x head x position grid: {shape}, {len(df)} rows"
+        )
+    density = df.drop_duplicates("layer")["density"].to_numpy(dtype=np.float64)
+    return df["column_sum"].to_numpy(dtype=np.float64).reshape(shape), density
+
+
+def kept_frame(
+    events: pd.DataFrame, prompt_tokens: list[str], layer: int, head: int, n_sink: int = 0
+) -> pd.DataFrame:
+    """What one (layer, kv-head) did with each prompt token by the end of a run (KEPT_SCHEMA).
+
+    Parameters
+    ----------
+    events : DataFrame
+        EVENTS_SCHEMA rows of one policy's run.
+    prompt_tokens : list of str, length Lp
+    layer, head : the layer and kv-head
+    n_sink : the policy's sinks (its ``settings["n_sink"]``); kept positions below it read "sink"
+
+    Returns
+    -------
+    DataFrame, one row per prompt position: "merged" or "evicted" when the entry left (an entry
+    leaves a slot at most once: nothing comes back), else "sink" or "kept".
+    """
+    n = len(prompt_tokens)
+    state = np.where(np.arange(n) < n_sink, "sink", "kept").astype(object)
+    gone = events[(events["layer"] == layer) & (events["head"] == head) & (events["position"] < n)]
+    state[gone["position"].to_numpy(dtype=np.int64)] = np.where(gone["kind"] == "merge", "merged", "evicted")
+    return frame({"position": np.arange(n), "token": list(prompt_tokens), "state": state}, KEPT_SCHEMA)

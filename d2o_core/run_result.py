@@ -1,7 +1,9 @@
 """What one policy produced for one prompt: `RunResult`, and its assembly at the end of a run.
 
 What this module is: the result record (texts, token ids, the frames whose schemas live in
-events.py, metrics) and the function that builds it from a finished run.
+events.py, metrics), the function that builds it from a finished run, and `prompt_attention`,
+the comparison's one `attention` frame built from the shared prefill (every policy's result
+holds the same frame object).
 
 What it is not: no generation (runner.py) and no metric maths (metrics.py).
 """
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .cache import PolicyCache
-from .events import LAYER_BUDGETS_SCHEMA, frame, survival_frame
+from . import ops
+from .cache import PolicyCache, PrefillCache
+from .events import ATTENTION_SCHEMA, LAYER_BUDGETS_SCHEMA, attention_frame, frame, survival_frame
 from .models import LoadedModel
 
 
@@ -33,6 +37,8 @@ class RunResult:
     drift: pd.DataFrame
     settings: dict
     generated_tokens: list[str] = field(default_factory=list)
+    # The prompt's attention (ATTENTION_SCHEMA); one frame shared by every result of a comparison.
+    attention: pd.DataFrame = field(default_factory=lambda: frame({}, ATTENTION_SCHEMA))
 
     def survival(self) -> pd.DataFrame:
         """Per prompt token, the share of (layer, kv-head) slots that kept, merged or dropped it."""
@@ -40,7 +46,10 @@ class RunResult:
         return survival_frame(self.events, self.prompt_tokens, n_slots, self.settings.get("n_sink", 0))
 
     def to_dict(self) -> dict:
-        """JSON-ready form (frames as lists of records)."""
+        """JSON-ready form (frames as lists of records).
+
+        `attention` is left out: it is shared by the comparison, and runfile.py stores it once per run.
+        """
         records = lambda df: df.astype(object).where(df.notna(), None).to_dict("records")  # noqa: E731
         return {
             "label": self.label,
@@ -61,7 +70,7 @@ def decode_text(lm: LoadedModel, tokens: list[int]) -> str:
     return lm.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def _token_texts(lm: LoadedModel, ids: list[int]) -> list[str]:
+def token_texts(lm: LoadedModel, ids: list[int]) -> list[str]:
     return [lm.tokenizer.decode([i]) for i in ids]
 
 
@@ -80,10 +89,29 @@ def _layer_budgets(cache: PolicyCache, n_prompt: int) -> pd.DataFrame:
     )
 
 
-def make_result(lm: LoadedModel, ids: list[int], run, with_fidelity: bool) -> RunResult:
-    """Assemble a policy's `RunResult` once its run is over (`run`: the runner's per-policy state)."""
+def prompt_attention(prefill: PrefillCache, n_kv: int, prompt_tokens: list[str]) -> pd.DataFrame:
+    """The prompt's attention frame (ATTENTION_SCHEMA) from a prefill built with ``record=True``.
+
+    Per layer, the ``[Hq, Lp]`` column sums are summed into kv-head groups (`ops.group_heads`, exactly
+    H2O's prompt scores) and D2O's F_l is taken over the per-query-head sums (`ops.attention_density`).
+    Empty when the prefill recorded nothing.
+    """
+    cols = [layer.col_sums for layer in prefill.layers]
+    if not cols or any(c is None for c in cols):
+        return frame({}, ATTENTION_SCHEMA)
+    grouped = np.stack([ops.group_heads(c, n_kv).float().cpu().numpy() for c in cols])
+    return attention_frame(grouped, [ops.attention_density(c) for c in cols], prompt_tokens)
+
+
+def make_result(
+    lm: LoadedModel, ids: list[int], run, with_fidelity: bool, attention: pd.DataFrame | None = None
+) -> RunResult:
+    """Assemble a policy's `RunResult` once its run is over (`run`: the runner's per-policy state).
+
+    attention : the comparison's `prompt_attention` frame, attached as is (not copied); empty if None.
+    """
     cache, n_prompt = run.cache, len(ids)
-    prompt_tokens, generated = _token_texts(lm, ids), _token_texts(lm, run.tokens)
+    prompt_tokens, generated = token_texts(lm, ids), token_texts(lm, run.tokens)
     metrics = {"prompt_tokens": n_prompt, "new_tokens": len(run.tokens)}
     peak = cache.peak_entries()  # each layer's peak starts at the whole prompt, which the prefill held
     metrics |= M.memory_metrics(
@@ -112,4 +140,5 @@ def make_result(lm: LoadedModel, ids: list[int], run, with_fidelity: bool) -> Ru
         drift=drift,
         settings=run.policy.settings(),
         generated_tokens=generated,
+        attention=frame({}, ATTENTION_SCHEMA) if attention is None else attention,
     )

@@ -1,22 +1,33 @@
 """The saved-run format: one JSON file holding a whole comparison, written and read back exactly.
 
-What this module is: the pydantic schema of a run file (`schema_version` "d2o-run/1"), `save_run`
+What this module is: the pydantic schema of a run file (`schema_version` "d2o-run/2"), `save_run`
 (results -> JSON text) and `load_run` (JSON text or a path -> `RunResult`s whose frames follow
 `events.py`'s schemas, so every figure drawn from a reopened run shows the same data as the live run).
 The page's "Download run (JSON)", `python -m d2o_core compare --json` and `show` all use it.
 
 Layout of a file::
 
-    {"schema_version": "d2o-run/1",
+    {"schema_version": "d2o-run/2",
      "meta": {"model", "prompt", "max_new_tokens", "created", "d2o_core_version", ...},
      "results": {label: {"label", "text", "token_ids", "prompt_tokens", "generated_tokens",
-                         "settings", "metrics", "events", "steps", "layer_budgets", "drift"}}}
+                         "settings", "metrics", "events", "steps", "layer_budgets", "drift"}},
+     "prompt_attention": {"n_layers", "n_kv_heads", "density": [L],
+                          "column_sums": [L][Hkv][Lp]} | null}
 
 Frames are lists of records (one object per row, columns as in events.py); NaN is stored as null.
+The prompt's attention is shared by every policy of a comparison, so it is stored once, as nested
+lists rather than ~L x Hkv x Lp records, and put back onto every result when the file is read.
+Its `column_sum` values are rounded to 5 significant digits when the frame is first built
+(events.ATTENTION_DIGITS), so a reopened run holds exactly the live run's frame; densities are
+stored in full.
+
+Versions: "d2o-run/2" added `prompt_attention`. "d2o-run/1" files (which lack it) still open, with
+an empty attention frame on every result.
 
 What it is not: no drawing (ui/report_html.py) and no generation. Reading is plain JSON parsing
 and validation: nothing in a file is executed or imported. A file this version cannot read (not
-JSON, another schema_version, a missing field, a wrong type) raises ValueError with one sentence.
+JSON, another schema_version, a missing field, a wrong type, attention of the wrong shape) raises
+ValueError with one sentence.
 """
 
 from __future__ import annotations
@@ -28,12 +39,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .events import DRIFT_SCHEMA, EVENTS_SCHEMA, LAYER_BUDGETS_SCHEMA, STEPS_SCHEMA, check_schema, frame
+from .events import (
+    ATTENTION_SCHEMA,
+    DRIFT_SCHEMA,
+    EVENTS_SCHEMA,
+    LAYER_BUDGETS_SCHEMA,
+    STEPS_SCHEMA,
+    attention_array,
+    attention_frame,
+    check_schema,
+    frame,
+)
 from .run_result import RunResult
 
-SCHEMA_VERSION = "d2o-run/1"
+SCHEMA_VERSION = "d2o-run/2"
+READS = ("d2o-run/1", SCHEMA_VERSION)  # what load_run opens; /1 has no prompt_attention
 FRAMES = {
     "events": EVENTS_SCHEMA,
     "steps": STEPS_SCHEMA,
@@ -103,10 +127,20 @@ class Meta(BaseModel):
     d2o_core_version: str | None = None
 
 
+class PromptAttention(_Strict):
+    """The prompt's attention, once per run: `column_sums[l][h][p]`, `density[l]` (None = NaN)."""
+
+    n_layers: int
+    n_kv_heads: int
+    density: list[float | None]
+    column_sums: list[list[list[float | None]]]
+
+
 class RunFile(_Strict):
-    schema_version: Literal["d2o-run/1"]
+    schema_version: Literal["d2o-run/1", "d2o-run/2"]
     meta: Meta
     results: dict[str, PolicyRecord]
+    prompt_attention: PromptAttention | None = None
 
 
 def _jsonable(value):
@@ -131,6 +165,7 @@ def save_run(results: dict[str, RunResult], meta: dict | None = None) -> str:
         "schema_version": SCHEMA_VERSION,
         "meta": head | dict(meta or {}),
         "results": {label: res.to_dict() for label, res in results.items()},
+        "prompt_attention": _attention_record(results),
     }
     return json.dumps(_jsonable(doc), ensure_ascii=False, allow_nan=False)
 
@@ -138,7 +173,7 @@ def save_run(results: dict[str, RunResult], meta: dict | None = None) -> str:
 def load_run(source: str | Path | bytes) -> tuple[dict[str, RunResult], dict]:
     """Read a run file (JSON text, bytes, or a path): (results by label, meta).
 
-    Raises ValueError with one sentence when the file cannot be read as a d2o-run/1 file.
+    Raises ValueError with one sentence when the file cannot be read as a d2o-run/1 or /2 file.
     """
     doc = _parse(source)
     if not isinstance(doc, dict):
@@ -150,16 +185,57 @@ def load_run(source: str | Path | bytes) -> tuple[dict[str, RunResult], dict]:
                 f"which this version cannot read; run the prompt again to save it as {SCHEMA_VERSION}."
             )
         raise ValueError("This is not a D2O run file: it has no schema_version.")
-    if doc["schema_version"] != SCHEMA_VERSION:
+    if doc["schema_version"] not in READS:
         raise ValueError(
             f"This run file has schema_version {str(doc['schema_version'])[:40]!r}; "
-            f"this version of the app reads {SCHEMA_VERSION!r} only."
+            f"this version of the app reads {' and '.join(map(repr, READS))} only."
         )
+    if doc["schema_version"] == "d2o-run/1" and "prompt_attention" in doc:
+        raise ValueError("This run file cannot be opened: prompt_attention is not a field of d2o-run/1.")
     try:
         RunFile.model_validate(doc)
     except ValidationError as exc:
         raise ValueError(_sentence(exc)) from None
-    return {label: _result(label, rec) for label, rec in doc["results"].items()}, doc["meta"]
+    results = {label: _result(label, rec) for label, rec in doc["results"].items()}
+    attention = _attention(doc.get("prompt_attention"), results)
+    for res in results.values():
+        res.attention = attention  # one frame for the whole comparison, as in a live run
+    return results, doc["meta"]
+
+
+def _attention_record(results: dict[str, RunResult]) -> dict | None:
+    """The comparison's attention as nested lists (from the first result that has one), or None."""
+    attention = next((r.attention for r in results.values() if not r.attention.empty), None)
+    if attention is None:
+        return None
+    col, density = attention_array(attention)
+    return {
+        "n_layers": col.shape[0],
+        "n_kv_heads": col.shape[1],
+        "density": density.tolist(),
+        "column_sums": col.tolist(),
+    }
+
+
+def _attention(rec: dict | None, results: dict[str, RunResult]) -> pd.DataFrame:
+    """The attention frame of a validated `prompt_attention` record; empty when the file has none."""
+    if rec is None:
+        return frame({}, ATTENTION_SCHEMA)
+    tokens = next(iter(results.values())).prompt_tokens if results else []
+    shape = (rec["n_layers"], rec["n_kv_heads"], len(tokens))
+    try:  # ragged lists make numpy raise; a regular array of another shape is caught below
+        col = np.array(rec["column_sums"], dtype=np.float64)
+    except ValueError:
+        col = None
+    if col is None or col.shape != shape or len(rec["density"]) != shape[0]:
+        got = "ragged lists" if col is None else f"shape {col.shape} with {len(rec['density'])} densities"
+        raise ValueError(
+            "This run file cannot be opened: prompt_attention should hold n_layers x n_kv_heads x "
+            f"prompt tokens = {shape} column sums, got {got}."
+        )
+    frame_ = attention_frame(col, np.array(rec["density"], dtype=np.float64), tokens)
+    check_schema(frame_, ATTENTION_SCHEMA)
+    return frame_
 
 
 def _parse(source) -> Any:

@@ -10,6 +10,9 @@ teacher-forced on the full cache's tokens: its free run is that measurement unti
 first different token, where a copy of its cache is forked and fed the full cache's
 tokens from then on (in the same batches).
 
+The prefill always records the prompt's attention column sums (one `attention` frame per
+comparison, shared by every result: the explorer is for seeing); batch serving does not.
+
 What it is not: no policy maths (policies/, ops.py), no figures, no result assembly
 (run_result.py). One prompt at a time.
 """
@@ -30,7 +33,7 @@ from .capture import observing
 from .events import EventLog
 from .models import LoadedModel
 from .policies import Policy
-from .run_result import RunResult, decode_text, make_result
+from .run_result import RunResult, decode_text, make_result, prompt_attention, token_texts
 
 MAX_NEW_TOKENS = 2048
 
@@ -187,7 +190,8 @@ def iter_compare(
     policies = sorted(policies, key=lambda p: p.name != "full")  # the reference decodes first each step
     yield Update("status", text=f"Reading the prompt ({len(ids)} tokens) once for all policies...")
     start = time.perf_counter()
-    prefill = PrefillCache(lm.n_layers, **prefill_needs(policies))
+    # Column sums are always recorded: the attention view shows them whatever the policies need.
+    prefill = PrefillCache(lm.n_layers, **(prefill_needs(policies) | {"record": True}))
     logits = _prefill(lm, prefill, ids)
     prefill_seconds = time.perf_counter() - start
     runs = []
@@ -199,6 +203,7 @@ def iter_compare(
         run.tokens.append(_pick(logits, temperature, generator))
         run.done = run.tokens[-1] in lm.eos_ids
         runs.append(run)
+    attention = prompt_attention(prefill, lm.n_kv_heads, token_texts(lm, ids))
     del prefill
     ref = runs[0] if runs[0].policy.name == "full" and fidelity else None
     for run in runs:
@@ -227,7 +232,8 @@ def iter_compare(
             _track_agreement(runs, ref, step)
         for run in free:
             yield Update("token", run.label, decode_text(lm, run.tokens), step)
-    yield Update("done", results={r.label: make_result(lm, ids, r, ref is not None) for r in runs})
+    results = {r.label: make_result(lm, ids, r, ref is not None, attention) for r in runs}
+    yield Update("done", results=results)
 
 
 def _advance(lm, run: _Run, logits: torch.Tensor, step: int, temperature: float, ref: _Run | None) -> None:

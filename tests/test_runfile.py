@@ -1,4 +1,4 @@
-"""Saved runs: one format (d2o-run/1) written by the page and the CLI, reopened with exactly the same data,
+"""Saved runs: one format (d2o-run/2) written by the page and the CLI, reopened with exactly the same data,
 drawn offline as an HTML report, and refused with a sentence when a file is foreign, old or corrupt."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_a_reopened_run_holds_exactly_the_same_frames_texts_and_metrics(results,
     back, meta = runfile.load_run(saved)
     assert list(back) == list(results)
     assert meta["model"] == "tiny-4x4q2kv" and meta["prompt"] == TEXT and meta["max_new_tokens"] == 8
-    assert meta["created"] and json.loads(saved)["schema_version"] == "d2o-run/1"
+    assert meta["created"] and json.loads(saved)["schema_version"] == "d2o-run/2"
     assert any(r.events["kind"].eq("merge").any() for r in results.values())  # merges, NaNs: both kinds
     for label, res in results.items():
         got = back[label]
@@ -115,7 +115,7 @@ CASES = {
     "a list": (lambda s: "[1, 2]", "holds a JSON list"),
     "older app": (lambda s: broken(s, lambda d: d.pop("schema_version")), "older version"),
     "foreign": (lambda s: json.dumps({"name": "something else"}), "not a D2O run file"),
-    "newer": (lambda s: broken(s, lambda d: d.update(schema_version="d2o-run/2")), "'d2o-run/2'"),
+    "newer": (lambda s: broken(s, lambda d: d.update(schema_version="d2o-run/3")), "'d2o-run/3'"),
     "missing text": (
         lambda s: broken(s, lambda d: d["results"]["h2o"].pop("text")),
         r"results\.h2o\.text is missing",

@@ -7,6 +7,7 @@ colour map and layout every figure shares.
 What it is not: where a figure goes on the page (ui/*_tab.py).
 """
 
+from .attention import attention_map, kept_tokens
 from .budgets import budget_heatmap
 from .cache_time import cache_over_time
 from .common import NO_DATA, policy_colours, to_html
@@ -16,9 +17,11 @@ from .timeline import timeline
 
 __all__ = [
     "NO_DATA",
+    "attention_map",
     "budget_heatmap",
     "cache_over_time",
     "drift",
+    "kept_tokens",
     "policy_colours",
     "survival",
     "sweep_curves",
