@@ -8,7 +8,8 @@ What this module is: two ways to put per-request `PolicyCache`s side by side in 
   are one strided view. Attention is one SDPA call per layer with a padding mask (rows of one
   layer may hold different entry counts: D2O's budgets differ per prompt), new tokens are
   written for all rows with one indexed store, and attention scores for all rows come from one
-  batched product. Eviction then runs per row on views of the shared storage.
+  batched product. Eviction then runs once for all rows (`evict.Rows`: each (row, kv-head)
+  pair is one more head), each row with its own budgets, thresholds and event log.
 - `RaggedBatch` (any mix of policies, as in `compare`): each row keeps its own pool and
   attention runs row by row over a `Ragged` key list.
 
@@ -114,9 +115,13 @@ class _StackedLayer(_RowsLayer):
 
 
 class StackedBatch(Cache):
-    """Rows of one layout in one shared storage: one SDPA call and one score update per layer."""
+    """Rows of one layout in one shared storage: one SDPA call and one score update per layer.
 
-    def __init__(self, caches: list[PolicyCache]):
+    batched_eviction : evict all rows with one set of operations (default); False evicts row by
+        row, each as its own cache would (the reference the batched path is tested against).
+    """
+
+    def __init__(self, caches: list[PolicyCache], batched_eviction: bool = True):
         if not can_stack(caches):
             raise ValueError("rows of a stacked batch must share a layer layout (one policy)")
         super().__init__(layers=[_StackedLayer(i, caches) for i in range(len(caches[0].layers))])
@@ -149,6 +154,11 @@ class StackedBatch(Cache):
         self.heads = torch.arange(n_kv, device=device)[None, :]
         self.slot_index = torch.arange(total, device=device)
         self._same_slot = {}
+        self.batched_eviction = batched_eviction
+        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731  views: one storage
+        self.eviction = evict.Rows(
+            caches, self.kv.flatten(1, 2), flat(self.positions), flat(self.scores), flat(self.norms)
+        )
 
     def slot_row(self, slot) -> torch.Tensor:
         """A claimed slot as a [Hkv] tensor (an int slot is the same for every head)."""
@@ -180,6 +190,8 @@ class StackedBatch(Cache):
             # "replace" gives padding slots 0; they are rewritten when claimed.
             window = self.scores[:, :, first.offset : first.offset + width]
             add_row(window, rows, mode, query.shape[1] // key.tensor.shape[1])
-        if layer_idx == len(self.layers) - 1:
+        if layer_idx == len(self.layers) - 1 and self.batched_eviction:
+            evict.evict_rows(self.eviction)
+        elif layer_idx == len(self.layers) - 1:
             for cache in self.caches:
                 evict.evict_step(cache)
