@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-model.txt
 
-.PHONY: setup run test lint results throughput bench clean
+.PHONY: setup run test lint results example-runs throughput bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: setup
 
 results: setup
 	$(BIN)/python -m d2o_core results --readme README.md
+	$(BIN)/python -m d2o_core example-runs --out assets/runs
+
+example-runs: setup
+	$(BIN)/python -m d2o_core example-runs --out assets/runs
 
 throughput: setup
 	$(BIN)/python -m d2o_core results --readme README.md --throughput-only

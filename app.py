@@ -12,12 +12,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 import time
 
+from ui import stored_runs
 from ui.engine import Engine, allowed_models
 from ui.layout import build_demo, launch_options
 
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
+
+
+def warm_stored_runs() -> None:
+    """Read the first view's stored run now, so the page opens on it at once; the others in the background."""
+    start = time.perf_counter()
+    stored_runs.first_view()
+    logging.info("first view ready in %.1f s", time.perf_counter() - start)
+    names = [e["name"] for e in stored_runs.examples()]
+    threading.Thread(target=lambda: [stored_runs.example_page(n) for n in names], daemon=True).start()
 
 
 def make_app(models: list[str] | None = None, preload: bool = True, engine: Engine | None = None):
@@ -29,6 +40,7 @@ def make_app(models: list[str] | None = None, preload: bool = True, engine: Engi
         logging.info(
             "model %s (%s) ready on %s in %.1f s", lm.name, lm.source, lm.device, time.perf_counter() - start
         )
+    warm_stored_runs()
     demo = build_demo(engine)
     # Model work runs one request at a time; a bounded queue turns away floods with a message.
     demo.queue(default_concurrency_limit=1, max_size=int(os.environ.get("D2O_QUEUE_SIZE", 16)))

@@ -1,4 +1,4 @@
-"""Command line: `python -m d2o_core {run,compare,show,sweep,bench,throughput,batch-step,results} ...`.
+"""Command line: `python -m d2o_core COMMAND ...` (run, compare, show, sweep, bench, throughput, ...).
 
 What this module is: argument parsing and printing only (see --help of each); the work is in
 runner.py and eval/ (sweep, bench, throughput, batch_step, readme_tables). `show` reads a run file
@@ -142,6 +142,21 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_example_runs(args) -> int:
+    """Store every example's run for the page's instant first view (`ui.stored_runs`, which drives the
+    page's own handler, so a stored run is made exactly as a live one)."""
+    try:
+        from ui.engine import Engine, allowed_models  # noqa: PLC0415 - the page's code path, on purpose
+        from ui.stored_runs import write_stored_runs  # noqa: PLC0415
+    except ImportError as exc:
+        raise ValueError(
+            f"example-runs needs the app's ui package ({exc}); run it from the repository root."
+        ) from None
+    engine = Engine([args.model] if args.model else allowed_models())
+    write_stored_runs(engine, Path(args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m d2o_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show", help="print a saved run (--json of compare, or the page's run.json)")
     p.add_argument("path", help="a run file (d2o-run/1 JSON)")
     p.add_argument("--html", default=None, help="also write a standalone HTML report with every figure here")
+    p = sub.add_parser(
+        "example-runs", help="store every example's run for the page's first view (assets/runs)"
+    )
+    p.add_argument("--model", default=None, help="model to run (default: the page's default)")
+    p.add_argument("--out", default="assets/runs", help="folder for the stored runs")
+    p.set_defaults(func=cmd_example_runs)
     from .eval import batch_step, bench, readme_tables, sweep, throughput  # noqa: PLC0415 - light `compare` start-up
 
     sweep.add_parser(sub, _model_args)

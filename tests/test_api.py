@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 from helpers import TEXT, tiny_model
 
-from ui import handlers as H
+from ui import api as H
 from ui.engine import Engine
 from ui.layout import build_demo
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -13,9 +14,13 @@ import plotly.graph_objects as go
 import pytest
 from helpers import TEXT, tiny_model
 
-from ui import handlers as H
+from ui import api as A
+from ui import compare_run as C
+from ui import policy_controls as P
+from ui import stored_runs
 from ui.engine import Engine, allowed_models
-from ui.layout import analytics_enabled, build_demo, load_examples
+from ui.layout import analytics_enabled, build_demo
+from ui.sweep_tab import run_sweep
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +30,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def finished(engine):
-    outs = list(H.run_comparison(engine, TEXT, ["full", "h2o", "d2o"], 30, 12))
+    outs = list(C.run_comparison(engine, TEXT, P.Columns(["full", "h2o", "d2o"], 30), 12))
     return outs
 
 
@@ -44,7 +49,7 @@ def test_gradio_analytics_are_off_unless_the_host_turns_them_on(engine, monkeypa
 
 
 def test_examples_cover_the_gallery_the_issue_asks_for():
-    examples = load_examples()
+    examples = stored_runs.examples()
     assert len(examples) >= 6
     assert {"name", "prompt", "max_new_tokens", "note"} <= set(examples[0])
     names = [e["name"].lower() for e in examples]
@@ -53,105 +58,166 @@ def test_examples_cover_the_gallery_the_issue_asks_for():
 
 
 def test_run_streams_each_policy_then_fills_every_output(finished):
-    texts = [o for o in finished if "text:d2o" in o and "state" not in o]
-    assert len(texts) >= 12 and all(b["text:d2o"].startswith(a["text:d2o"]) for a, b in zip(texts, texts[1:]))
+    # Columns are slots in the order asked for: full, h2o, d2o -> 0, 1, 2.
+    texts = [o for o in finished if "text:2" in o and "state" not in o]
+    assert len(texts) >= 12 and all(b["text:2"].startswith(a["text:2"]) for a, b in zip(texts, texts[1:]))
     last = finished[-1]
-    for key in ("budget_fig", "timeline_fig", "survival_fig", "cache_fig", "drift_fig"):
+    for key in (
+        "budget_fig",
+        "attention_fig",
+        "timeline_fig",
+        "kept_fig",
+        "survival_fig",
+        "cache_fig",
+        "drift_fig",
+    ):
         assert isinstance(last[key], go.Figure) and last[key].data, key
     assert isinstance(last["summary"], pd.DataFrame) and list(last["summary"]["policy"]) == [
         "full",
         "h2o",
         "d2o",
     ]
-    assert "% of full" in last["stats:h2o"] and "agrees with full" in last["stats:d2o"]
+    assert "% of full" in last["stats:1"] and "agrees with full" in last["stats:2"]
+    assert last["title:0"] == "### Full cache" and last["title:2"] == "### D2O · 30 %"
     assert set(last["state"]["results"]) == {"full", "h2o", "d2o"}
-    assert finished[0]["col:streaming"]["visible"] is False and finished[0]["col:d2o"]["visible"] is True
+    visible = [finished[0][f"col:{i}"]["visible"] for i in C.SLOTS]
+    assert visible == [True, True, True, False, False, False]
+
+
+def test_a_column_is_a_configuration_so_one_policy_can_run_twice(engine):
+    extras = [("d2o", None, "variant=official"), ("d2o", 40, ""), ("", None, "")]
+    last = list(C.run_comparison(engine, TEXT, P.Columns(["d2o"], 20, extras=extras), 4))[-1]
+    assert list(last["state"]["results"]) == ["d2o@20%", "d2o(variant=official)", "d2o@40%"]
+    assert [last[f"title:{i}"] for i in range(3)] == [
+        "### D2O · 20 %",
+        "### D2O · variant=official · 20 %",
+        "### D2O · 40 %",
+    ]
+    assert [last[f"col:{i}"]["visible"] for i in C.SLOTS] == [True, True, True, False, False, False]
 
 
 def test_pickers_redraw_from_stored_results_without_generating(engine, finished, monkeypatch):
     state = finished[-1]["state"]
     monkeypatch.setattr(engine, "get", lambda *a: pytest.fail("a picker must not run the model"))
-    a = H.timeline_view(state, "d2o", 0, 0)["timeline_fig"]
-    b = H.timeline_view(state, "d2o", 3, 1)["timeline_fig"]
+    a = C.timeline_view(state, "d2o", 0, 0)["timeline_fig"]
+    b = C.timeline_view(state, "d2o", 3, 1)["timeline_fig"]
     assert "layer 0" in a.layout.title.text and "layer 3" in b.layout.title.text
-    views = H.policy_views(state, "h2o", 1, 0)
+    views = C.policy_views(state, "h2o", 1, 0)
     assert "h2o" in views["cache_fig"].layout.title.text
-    assert H.timeline_view(None, "d2o", 0, 0)["timeline_fig"].layout.annotations  # empty, no error
+    assert C.timeline_view(None, "d2o", 0, 0)["timeline_fig"].layout.annotations  # empty, no error
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (("", ["h2o"], 20, 8), "prompt is empty"),
-        ((TEXT, [], 20, 8), "No policy selected"),
-        ((TEXT, ["h2o"], 20, 0), "max_new_tokens"),
-        (("x" * 5000, ["h2o"], 20, 8), "limit here is"),
+        (("", P.Columns(["h2o"], 20), 8), "prompt is empty"),
+        ((TEXT, P.Columns([], 20), 8), "No policy selected"),
+        ((TEXT, P.Columns(["h2o"], 20), 0), "max_new_tokens"),
+        (("x" * 5000, P.Columns(["h2o"], 20), 8), "limit here is"),
+        ((TEXT, P.Columns(list(P.NAMES)[:7], 20), 8), "At most 6 columns"),
+        ((TEXT, P.Columns(["d2o"], 20, extras=[("d2o", None, "merge=perhaps")]), 8), "true or false"),
+        ((TEXT, P.Columns(["d2o"], 20, extras=[("d2o", None, "speed=3")]), 8), "has no setting 'speed'"),
     ],
 )
 def test_bad_input_becomes_a_message_not_a_stack_trace(engine, args, message):
     with pytest.raises(gr.Error, match=message):
-        list(H.run_comparison(engine, *args))
+        list(C.run_comparison(engine, *args))
+
+
+def advanced(changes: dict) -> list:
+    """The Advanced controls' default values, in page order, with `changes` {(policy, setting): value}."""
+    specs = {(n, s.name): s.default for n in P.NAMES for s in P.settings_of(P.POLICIES[n])}
+    return [changes.get(key, specs[key]) for key in P.control_keys()]
 
 
 def test_bad_advanced_settings_are_explained(engine):
-    with pytest.raises(gr.Error, match="Protected layers"):
-        list(H.run_comparison(engine, TEXT, ["d2o"], 20, 4, controls=H.Controls(d2o_protected="first, last")))
+    def run(values):
+        return list(
+            C.run_comparison(engine, TEXT, lambda: P.Columns(["d2o"], 20, P.settings_from_values(values)), 4)
+        )
+
+    with pytest.raises(gr.Error, match="protected_layers must be whole numbers"):
+        run(advanced({("d2o", "protected_layers"): "first, last"}))
     with pytest.raises(gr.Error, match="does not exist"):
-        list(H.run_comparison(engine, TEXT, ["d2o"], 20, 4, controls=H.Controls(d2o_protected="9")))
+        run(advanced({("d2o", "protected_layers"): "9"}))
+    with pytest.raises(gr.Error, match="kernel must be odd"):
+        list(
+            C.run_comparison(
+                engine,
+                TEXT,
+                lambda: P.Columns(
+                    ["snapkv"], 20, P.settings_from_values(advanced({("snapkv", "kernel"): 4}))
+                ),
+                4,
+            )
+        )
 
 
 def test_unexpected_failures_are_reported_without_a_trace(monkeypatch):
     broken = Engine(["tiny"], loader=lambda name: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(gr.Error, match="Generation failed .*disk full") as info:
-        list(H.run_comparison(broken, TEXT, ["h2o"], 20, 4))
+        list(C.run_comparison(broken, TEXT, P.Columns(["h2o"], 20), 4))
     assert "Traceback" not in str(info.value)
 
 
 def test_a_run_that_ends_early_says_stopped_and_a_finished_one_keeps_done(finished):
     statuses = [o["status"] for o in finished if "status" in o]
-    assert statuses[-1].startswith("Done") and H.run_ended(statuses[-1]) == gr.skip()
+    assert statuses[-1].startswith("Done") and C.run_ended(statuses[-1]) == gr.skip()
     for status in statuses[:-1]:  # Stop at any point of the run
-        assert H.run_ended(status).startswith("Stopped"), status
-    assert H.run_ended("Generating… step 7").startswith("Stopped after step 7;")
-    assert H.run_ended("Starting…") == "Stopped before the first token."
+        assert C.run_ended(status).startswith("Stopped"), status
+    assert C.run_ended("Generating… step 7").startswith("Stopped after step 7;")
+    assert C.run_ended("Starting…") == "Stopped before the first token."
     for untouched in ("", None, "Stopped after step 3; ..."):  # a request refused before it started
-        assert H.run_ended(untouched) == gr.skip()
+        assert C.run_ended(untouched) == gr.skip()
 
 
 def test_closing_a_run_mid_stream_is_logged(engine, caplog):
-    run = H.run_comparison(engine, TEXT, ["full", "d2o"], 30, 12)
+    run = C.run_comparison(engine, TEXT, P.Columns(["full", "d2o"], 30), 12)
     while "Generating" not in next(run).get("status", ""):
         pass
-    with caplog.at_level("INFO", logger="ui.handlers"):
+    with caplog.at_level("INFO", logger="ui.compare_run"):
         run.close()  # what Gradio does on Stop
     assert "Generation stopped before the end" in caplog.text
 
 
+def test_every_policy_setting_has_a_control_from_its_dataclass_field():
+    keys = P.control_keys()
+    for name, cls in P.POLICIES.items():
+        fields = {f.name for f in dataclasses.fields(cls)} - {"budget"} - set(cls.unused_settings)
+        assert {k for n, k in keys if n == name} == fields, name
+    assert ("tova", "recent_share") not in keys and ("full", "n_sink") not in keys  # unused: not shown
+
+
 def test_controls_reach_the_policies():
-    c = H.Controls(
-        h2o_sinks=2,
-        d2o_variant="official",
-        d2o_recent=0.5,
-        d2o_beta=0.5,
-        d2o_protected="0, 1, -1",
-        d2o_merge=False,
+    values = advanced(
+        {
+            ("h2o", "n_sink"): 2.0,  # sliders hand over floats
+            ("d2o", "variant"): "official",
+            ("d2o", "merge"): False,
+            ("d2o", "protected_layers"): "0, 1, -1",
+            ("snapkv", "window"): 16,
+        }
     )
-    policies = {p.name: p for p in H.build_policies(["full", "h2o", "d2o"], 25, c)}
-    assert policies["h2o"].n_sink == 2 and policies["h2o"].budget == 0.25
+    settings = P.settings_from_values(values)
+    policies = {p.name: p for p in P.Columns(["full", "h2o", "d2o", "snapkv"], 25, settings).policies()}
+    assert policies["h2o"].n_sink == 2 and isinstance(policies["h2o"].n_sink, int)
+    assert policies["h2o"].budget == 0.25 and policies["snapkv"].window == 16
     assert policies["d2o"].variant == "official" and not policies["d2o"].merge
+    # Blank optional settings take the variant's values: official's recent share and beta.
+    assert (policies["d2o"].recent_share, policies["d2o"].beta) == (0.5, 0.5)
     assert policies["d2o"].label == "d2o(variant=official,merge=False)"
-    assert H.variant_defaults("official") == (0.5, 0.5, "0, 1, -1")
-    assert H.variant_defaults("paper") == (0.25, 0.7, "")
 
 
 def test_downloads_hold_csv_json_and_standalone_figures(finished, tmp_path):
-    paths = H.prepare_downloads(finished[-1]["state"], "d2o", 1, 0)["downloads"]
+    paths = C.prepare_downloads(finished[-1]["state"], "d2o", 1, 0)["downloads"]
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
     assert names == [
+        "attention.html",
         "budget_heatmap.html",
         "cache_over_time.html",
         "drift.html",
         "events.csv",
+        "kept_tokens.html",
         "run.json",
         "survival.html",
         "timeline.html",
@@ -163,18 +229,18 @@ def test_downloads_hold_csv_json_and_standalone_figures(finished, tmp_path):
     assert csv.columns[0] == "policy" and set(csv["policy"]) == {"h2o", "d2o"}
     assert "<html>" in open(by_name["timeline.html"]).read()[:200].lower()
     with pytest.raises(gr.Error, match="run a prompt first"):
-        H.prepare_downloads(None, "d2o", 0, 0)
+        C.prepare_downloads(None, "d2o", 0, 0)
 
 
 def test_api_compare_returns_texts_and_metrics(engine):
-    out = H.api_compare(engine, TEXT, ["full", "d2o"], 0.3, 5)
+    out = A.api_compare(engine, TEXT, ["full", "d2o"], 0.3, 5)
     assert set(out["results"]) == {"full", "d2o"}
     assert out["results"]["d2o"]["metrics"]["new_tokens"] == 5
     json.dumps(out, allow_nan=False)  # strict JSON
     with pytest.raises(gr.Error, match="fraction"):
-        H.api_compare(engine, TEXT, ["full"], 20, 5)
+        A.api_compare(engine, TEXT, ["full"], 20, 5)
     with pytest.raises(gr.Error, match="Unknown policy H2O"):  # not silently dropped
-        H.api_compare(engine, TEXT, ["full", "H2O"], 0.2, 5)
+        A.api_compare(engine, TEXT, ["full", "H2O"], 0.2, 5)
 
 
 def inside(thread: threading.Thread, fn) -> bool:
@@ -240,10 +306,10 @@ def test_allowlist_comes_from_the_host(monkeypatch):
 
 
 def test_sweep_tab_handler_draws_fidelity_against_budget(engine):
-    outs = list(H.run_sweep(engine, TEXT, ["full", "h2o", "d2o"], [20, 60], 6))
+    outs = list(run_sweep(engine, TEXT, ["full", "h2o", "d2o"], [20, 60], 6))
     last = outs[-1]
     assert set(last["sweep_table"]["policy"]) == {"h2o", "d2o"}
     assert sorted(last["sweep_table"]["budget"].unique()) == [0.2, 0.6]
     assert isinstance(last["agree_fig"], go.Figure) and last["agree_fig"].data
     with pytest.raises(gr.Error, match="other than the full cache"):
-        list(H.run_sweep(engine, TEXT, ["full"], [20], 6))
+        list(run_sweep(engine, TEXT, ["full"], [20], 6))

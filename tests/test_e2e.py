@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -43,7 +44,7 @@ CHROMIUM_FLAGS = [
 ]
 
 pytestmark = pytest.mark.integration
-STOPPED_LOG = "Generation stopped before the end"  # ui/handlers.py logs it when Stop closes a run
+STOPPED_LOG = "Generation stopped before the end"  # ui/compare_run.py logs it when Stop closes a run
 
 
 def server_log() -> str:
@@ -126,7 +127,43 @@ def _browser():
     return None
 
 
-def test_browser_example_run_streams_columns_and_draws_figures(server):
+FIGURE_IDS = [
+    "budget-fig",
+    "attention-fig",
+    "timeline-fig",
+    "kept-fig",
+    "survival-fig",
+    "cache-fig",
+    "drift-fig",
+]
+ALL_FIGURES = f"() => {FIGURE_IDS}.every(id => document.querySelector('#' + id + ' .js-plotly-plot'))"
+
+
+def stored_run_file(name: str, folder: Path) -> Path:
+    """A stored example run, unpacked to the plain JSON a user would upload."""
+    import gzip
+
+    from ui.stored_runs import RUNS, slug
+
+    path = folder / f"{slug(name)}.json"
+    path.write_bytes(gzip.decompress((RUNS / f"{slug(name)}.json.gz").read_bytes()))
+    return path
+
+
+def open_run(page, path: Path) -> None:
+    """Upload `path` through the "Open a run" button, as a user would (its file chooser)."""
+    with page.expect_file_chooser() as chooser:
+        page.click("#open-run")
+    chooser.value.set_files(str(path))
+
+
+def status_has(page, text: str, timeout: float = 120_000) -> None:
+    page.wait_for_function(
+        "t => document.querySelector('#status').innerText.includes(t)", arg=text, timeout=timeout
+    )
+
+
+def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, tmp_path):
     missing = _browser()
     if missing:
         if os.environ.get("D2O_REQUIRE_BROWSER") == "1":
@@ -134,28 +171,25 @@ def test_browser_example_run_streams_columns_and_draws_figures(server):
         pytest.skip(missing)
     from playwright.sync_api import sync_playwright
 
+    factual = stored_run_file("Factual question", tmp_path)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # 1. The first view is the stored passkey run, every figure drawn, without running anything.
+        start = time.monotonic()
         page.goto(server)
-        page.get_by_text("Passkey in a haystack").first.click()
-        page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('pass key')")
-        start = time.time()
-        page.click("#run")
-        # Columns fill while generating, before the figures exist.
-        page.wait_for_function(
-            "() => document.querySelector('#text-d2o textarea').value.length > 0", timeout=120_000
-        )
-        page.wait_for_function(
-            "() => ['budget-fig', 'timeline-fig', 'survival-fig', 'cache-fig', 'drift-fig']"
-            ".every(id => document.querySelector('#' + id + ' .js-plotly-plot'))",
-            timeout=180_000,
-        )
-        elapsed = time.time() - start
-        for name in ("full", "h2o", "d2o"):
-            assert page.input_value(f"#text-{name} textarea").strip(), name
-            assert "% of full" in page.inner_text(f"#stats-{name}")
-        # Moving the layer picker redraws the timeline from stored results.
+        page.wait_for_selector("#budget-fig svg", timeout=30_000)
+        first_paint = time.monotonic() - start
+        page.wait_for_function(ALL_FIGURES, timeout=30_000)
+        print(f"first paint (navigation -> budget heatmap SVG): {first_paint:.2f} s")
+        status_has(page, "Stored run of the example “Passkey in a haystack”", 10_000)
+        assert "pass key" in page.input_value("#prompt textarea")
+        for i in range(4):  # full, streaming, h2o, d2o
+            assert page.input_value(f"#text-{i} textarea").strip() and "% of full" in page.inner_text(
+                f"#stats-{i}"
+            )
+        assert not page.is_visible("#col-4")
+        # Pickers work on the stored run: the layer picker redraws the timeline.
         page.fill("#layer input[type=number]", "3")
         page.keyboard.press("Enter")
         page.wait_for_function(
@@ -163,10 +197,34 @@ def test_browser_example_run_streams_columns_and_draws_figures(server):
             timeout=30_000,
         )
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
-        print(f"first complete result in {elapsed:.1f} s")
-        # Stop ends a run mid-stream: the server closes the generation, the page says so once the
-        # request has ended, and no token arrives after that. Then the next run works.
+        # 2. Open a saved run: texts and figures change to it.
+        open_run(page, factual)
+        status_has(page, f"Opened {factual.name}", 30_000)
+        page.wait_for_function(
+            "() => document.querySelector('#prompt textarea').value.includes('capital of France')",
+            timeout=10_000,
+        )
+        assert "Paris" in page.input_value("#text-0 textarea")
+        page.wait_for_function(ALL_FIGURES, timeout=30_000)
+        # 3. A live comparison: columns stream, then every figure is drawn.
+        page.click("#run")
+        status_has(page, "Done")
+        assert "Paris" in page.input_value("#text-0 textarea")
+        page.wait_for_function(ALL_FIGURES, timeout=30_000)
+        # 4. Download the run, then reopen it.
+        page.click("#prepare")
+        link = page.locator("#downloads a", has_text="run.json").first
+        link.wait_for(timeout=60_000)
+        href = link.get_attribute("href")
+        saved = tmp_path / "run.json"
+        saved.write_bytes(urllib.request.urlopen(urllib.parse.urljoin(server + "/", href), timeout=30).read())
+        open_run(page, saved)
+        status_has(page, "Opened run.json", 30_000)
+        assert "Paris" in page.input_value("#text-0 textarea")
+        # 5. Stop ends a run mid-stream: the server closes the generation, the page says so once the
+        # request has ended, and no token arrives after that.
         page.get_by_text("Summarise a story").first.click()  # 96 new tokens at most
+        status_has(page, "Stored run of the example “Summarise a story”", 30_000)
         page.click("#run")
         page.wait_for_function(  # a few tokens in: mid-stream
             "() => /Generating… step ([3-9]|[1-9][0-9])/.test(document.querySelector('#status').innerText)",
@@ -175,25 +233,22 @@ def test_browser_example_run_streams_columns_and_draws_figures(server):
         closed_before = server_log().count(STOPPED_LOG)
         clicked = time.monotonic()
         page.click("#stop")
-        page.wait_for_function(
-            "() => document.querySelector('#status').innerText.includes('Stopped')", timeout=60_000
-        )
+        status_has(page, "Stopped", 60_000)
         latency = time.monotonic() - clicked
-        stopped = page.input_value("#text-full textarea")
+        stopped = page.input_value("#text-0 textarea")
         status = page.inner_text("#status")
         print(f"Stop ended the request in {latency:.2f} s ({status.split(';')[0]})")
         assert latency < 30, latency
         step = int(re.search(r"Stopped after step (\d+)", status)[1])
         assert 3 <= step < 95
         assert wait_until(lambda: server_log().count(STOPPED_LOG) > closed_before, timeout=30)
-        # The server has closed the generation and the page has its last update: nothing may follow.
-        assert page.input_value("#text-full textarea") == stopped
+        assert page.input_value("#text-0 textarea") == stopped
         assert page.inner_text("#status") == status
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0
-        page.get_by_text("Factual question").first.click()
-        page.click("#run")
-        page.wait_for_function(
-            "() => document.querySelector('#status').innerText.includes('Done')", timeout=120_000
-        )
-        assert "Paris" in page.input_value("#text-full textarea")
         browser.close()
+    # The target (<= 3 s on a quiet machine) is reported, not asserted: timings on a shared CPU are noise.
+    # 15 s still tells a stored first view (no model work) from a live one (~30 s of generation).
+    (ARTIFACTS / "first_paint.txt").write_text(f"{first_paint:.2f}\n")
+    assert first_paint < 15, (
+        f"first paint took {first_paint:.2f} s: the page computed instead of showing a stored run"
+    )

@@ -9,8 +9,11 @@ from helpers import TEXT, tiny_model
 import d2o_core
 from d2o_core import POLICIES
 from d2o_core.__main__ import policies_from_args
+from d2o_core.policies.base import settings_of
+from ui import api as A
 from ui import figures
-from ui import handlers as H
+from ui import policy_controls as P
+from ui import run_figures as RF
 from ui.engine import Engine
 
 
@@ -22,24 +25,28 @@ def test_cli_builds_new_policies_with_their_settings():
 
 
 def test_page_pickers_and_columns_list_every_registered_policy():
-    assert H.NAMES == list(POLICIES)
-    built = H.build_policies(list(POLICIES), 30, H.Controls())
-    assert [p.name for p in built] == list(POLICIES)
+    assert P.NAMES == list(POLICIES)
+    for start in range(0, len(POLICIES), P.MAX_COLUMNS):  # at most six columns a run
+        names = list(POLICIES)[start : start + P.MAX_COLUMNS]
+        assert [p.name for p in P.Columns(names, 30).policies()] == names
+    # Every policy's Advanced controls come from its dataclass fields.
+    assert {name for name, _ in P.control_keys()} == {n for n in POLICIES if settings_of(POLICIES[n])}
 
 
 def test_api_and_every_figure_work_for_every_registered_policy():
     engine = Engine(["tiny"], loader=lambda name: tiny_model())
-    out = H.api_compare(engine, TEXT, list(POLICIES), 0.3, 4)
+    out = A.api_compare(engine, TEXT, list(POLICIES), 0.3, 4)
     assert set(out["results"]) == set(POLICIES)
     results = d2o_core.compare(
         tiny_model(), TEXT, [POLICIES[n](budget=0.3) for n in POLICIES], max_new_tokens=6
     )
     n_prompt = results["full"].metrics["prompt_tokens"]
-    figs = [H.budget_figure(results), H.drift_figure(results)]
+    figs = [RF.budget_figure(results), RF.drift_figure(results), RF.attention_figure(results)]
     for label, res in results.items():
         figs.append(figures.cache_over_time(res.steps, label))
         figs.append(figures.timeline(res.events, 1, 0, n_prompt, label))
         figs.append(figures.survival(res.survival(), label))
+    figs.append(RF.kept_figure(results, 1, 0))
     assert all(isinstance(f, go.Figure) for f in figs)
     evicting = [n for n in POLICIES if n != "full"]
     assert all(len(results[n].events) > 0 for n in evicting)

@@ -17,12 +17,20 @@ from helpers import TEXT
 import d2o_core
 from d2o_core import __main__ as cli
 from d2o_core import run_summary, runfile
-from ui import handlers as H
+from ui import compare_run as H
 from ui.open_run import open_run
 from ui.report_html import report_figures, report_html
 
 FRAMES = ("events", "steps", "layer_budgets", "drift")
-FIGURES = ("budget_fig", "drift_fig", "cache_fig", "timeline_fig", "survival_fig")
+FIGURES = (
+    "budget_fig",
+    "attention_fig",
+    "drift_fig",
+    "cache_fig",
+    "timeline_fig",
+    "kept_fig",
+    "survival_fig",
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +98,11 @@ def test_opening_a_run_fills_the_page_as_a_finished_run_does(results, saved, tmp
     out = open_run(str(path))
     for key in FIGURES:
         assert isinstance(out[key], go.Figure) and out[key].data, key
-    assert out["status"].startswith("Opened run.json: 4 policies") and out["prompt"] == TEXT
+    assert out["status"].startswith("Opened run.json: 4 columns") and out["prompt"] == TEXT
     assert set(out["state"]["results"]) == set(results)
-    for res in results.values():  # one column per registry name, even for a label with settings
-        name = res.settings["policy"]
-        assert out[f"text:{name}"] == res.text and "% of full" in out[f"stats:{name}"]
-        assert out[f"col:{name}"]["visible"] is True
+    for i, res in enumerate(results.values()):  # one column slot per result, in order
+        assert out[f"text:{i}"] == res.text and "% of full" in out[f"stats:{i}"]
+        assert out[f"col:{i}"]["visible"] is True
     assert out["view"]["choices"] == list(results) and out["layer"]["maximum"] == 3
     # ... and what was opened downloads again in the same format
     files = H.prepare_downloads(out["state"], "h2o", 1, 0)["downloads"]
@@ -172,7 +179,7 @@ def test_the_html_report_has_every_figure_and_works_offline(results, saved):
     back, meta = runfile.load_run(saved)
     html = report_html(back, meta)
     offline(html)
-    assert html.count('class="plotly-graph-div"') == 2 + 3 * len(results)
+    assert html.count('class="plotly-graph-div"') == 4 + 3 * len(results)  # 4 shared, 3 per policy
     for title in ("Per-layer budgets", "Drift from the full cache", "Eviction and merge timeline · h2o"):
         assert title in html
     assert "<table" in html and "KV MB (final)" in html

@@ -20,15 +20,18 @@ from d2o_core import run_summary
 from d2o_core.run_result import RunResult
 
 from . import figures
+from .run_figures import attention_figure, budget_figure, drift_figure, kept_figure
 
 
 def report_figures(results: dict[str, RunResult]) -> dict[str, go.Figure]:
     """Every figure of the page for `results`, keyed by a title (per-policy ones once per policy)."""
+    first = next(iter(results.values())).metrics
+    layer = first["n_layers"] // 2
     figs = {
-        "Per-layer budgets": figures.budget_heatmap(run_summary.combined(results, "layer_budgets")),
-        "Drift from the full cache": figures.drift(
-            run_summary.combined({k: v for k, v in results.items() if k != "full"}, "drift")
-        ),
+        "Per-layer budgets": budget_figure(results),
+        "The prompt's attention, layer by layer": attention_figure(results),
+        f"What each column kept of layer {layer}, kv-head 0": kept_figure(results, layer, 0),
+        "Drift from the full cache": drift_figure(results),
     }
     for label, res in results.items():
         layer = res.metrics["n_layers"] // 2

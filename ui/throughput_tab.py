@@ -25,8 +25,8 @@ from d2o_core.eval.throughput import check_batches, make_policies, run_throughpu
 from d2o_core.run_summary import jsonable
 
 from .engine import Engine, gpu
+from .errors import page_errors
 from .figures import throughput as TF
-from .handlers import page_errors
 
 STORED = Path(__file__).resolve().parent.parent / "assets" / "throughput.json"
 REGENERATE = "`python -m d2o_core results --throughput-only` (or `make results`)"

@@ -7,7 +7,7 @@ up from the registry.
 
 import dataclasses
 
-from .base import SCORE_SOURCES, CamRule, LayerPlan, MergeRule, Policy
+from .base import SCORE_SOURCES, CamRule, LayerPlan, MergeRule, Policy, Setting, setting, settings_of
 from .cam import CaM
 from .d2o import D2O
 from .full import FullCache
@@ -52,6 +52,9 @@ __all__ = [
     "SCORE_SOURCES",
     "build",
     "Policy",
+    "Setting",
+    "setting",
+    "settings_of",
     "LayerPlan",
     "MergeRule",
     "CamRule",

@@ -25,9 +25,12 @@ dataclass: a policy is a configuration, never per-request state) decides three t
 
 `LayerPlan` is what one layer may keep.
 
-What it is not: it touches no tensors of the cache; `cache.py` and `evict.py` apply the plans.
+Settings describe themselves: each dataclass field is declared with `setting(default, help, low=,
+high=, step=, choices=)`, and `settings_of(cls)` turns the fields into `Setting` records (kind, range,
+default, one-line help) from which the page builds its Advanced controls and the CLI checks `--set`.
+A subclass may redeclare a field with a plain new default; its help and range are inherited.
 
-What it is not: it touches no tensors of the cache; `cache.py` applies the plans.
+What it is not: it touches no tensors of the cache; `cache.py` and `evict.py` apply the plans.
 Budget split (ALGORITHMS.md): `budget_tokens = round(budget * prompt_tokens)` per
 (layer, kv-head); sinks first, then `round(recent_share * budget_tokens)` recent
 entries, the rest heavy hitters. `budget == 1` means no eviction at all.
@@ -37,8 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -87,6 +90,83 @@ class CamRule:
 SCORE_SOURCES = ("none", "accumulated", "latest", "window", "key")
 
 
+def setting(default: Any, help: str, *, low=None, high=None, step=None, choices=None):
+    """A policy field with its one-line help and, for the page's controls, its range or choices."""
+    meta = {"help": help, "low": low, "high": high, "step": step, "choices": choices}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One policy setting as the page and the CLI see it.
+
+    kind : "int" | "float" | "bool" | "choice" | "layers" (a tuple of layer numbers).
+    optional : None is allowed and means "the policy decides" (e.g. D2O's variant default).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    optional: bool = False
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: tuple | None = None
+
+
+def _kind(annotation: str, meta: dict) -> str:
+    if "choices" in meta or annotation.startswith("str"):
+        return "choice"
+    for kind in ("bool", "tuple", "int", "float"):
+        if annotation.startswith(kind):
+            return "layers" if kind == "tuple" else kind
+    raise TypeError(
+        f"setting type {annotation!r} has no control; use bool, int, float, str or tuple[int, ...]"
+    )
+
+
+def _metadata(cls: type, name: str) -> dict:
+    """A field's metadata: what base classes declared, overridden by what subclasses redeclare."""
+    meta: dict = {}
+    for klass in reversed(cls.__mro__):
+        field_ = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if field_ is not None:
+            meta |= field_.metadata
+    return meta
+
+
+def _annotation(kind) -> str:
+    """A field's type as text, whether annotations are strings (PEP 563) or objects."""
+    text = kind.__name__ if isinstance(kind, type) else str(kind)
+    return text.replace(" ", "").replace("typing.", "")
+
+
+def settings_of(cls: type[Policy]) -> list[Setting]:
+    """Every setting of a policy class except the budget (set per column) and `unused_settings`."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name == "budget" or f.name in cls.unused_settings:
+            continue
+        meta, annotation = _metadata(cls, f.name), _annotation(f.type)
+        if "help" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name} needs a one-line help: declare it with setting(...)")
+        out.append(
+            Setting(
+                f.name,
+                _kind(annotation, meta),
+                f.default,
+                meta["help"],
+                optional="None" in annotation,
+                low=meta.get("low"),
+                high=meta.get("high"),
+                step=meta.get("step"),
+                choices=tuple(meta["choices"]) if "choices" in meta else None,
+            )
+        )
+    return out
+
+
 def _check_int(name: str, value, low: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be a whole number >= {low}; got {value!r}.")
@@ -96,9 +176,11 @@ def _check_int(name: str, value, low: int = 0) -> None:
 class Policy:
     """Base of all policies; subclasses set `name` and override `layer_caps`/`merge_rule`."""
 
-    budget: float = 0.2
-    n_sink: int = 0
-    recent_share: float = 0.5
+    budget: float = setting(0.2, "fraction of the prompt kept per layer and kv-head", low=0.01, high=1.0)
+    n_sink: int = setting(0, "first positions never evicted (attention sinks)", low=0, high=16, step=1)
+    recent_share: float = setting(
+        0.5, "share of the budget kept for the most recent tokens", low=0.0, high=1.0, step=0.05
+    )
 
     name: ClassVar[str] = "base"
     title: ClassVar[str] = "Base"
@@ -107,6 +189,8 @@ class Policy:
     score_source: ClassVar[str] = "none"
     # Per-query-head prefill column sums (D2O's layer densities), handed to `layer_caps`.
     needs_density: ClassVar[bool] = False
+    # Fields this policy ignores (e.g. TOVA's recent window is fixed): not shown, not recorded.
+    unused_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -169,7 +253,8 @@ class Policy:
     # -- how the policy is shown -----------------------------------------------------------
     def settings(self) -> dict:
         """Every setting, for records and JSON."""
-        return {"policy": self.name, **dataclasses.asdict(self)}
+        out = {"policy": self.name, **dataclasses.asdict(self)}
+        return {k: v for k, v in out.items() if k not in self.unused_settings}
 
     def _defaults(self) -> Policy:
         return type(self)(budget=self.budget)

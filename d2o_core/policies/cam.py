@@ -17,10 +17,10 @@ the evicted one is simply dropped. A merge leaves every score unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import CamRule, _check_int
+from .base import CamRule, _check_int, setting
 from .h2o import H2O
 
 
@@ -28,9 +28,8 @@ from .h2o import H2O
 class CaM(H2O):
     """H2O plus CaM's value merging of what H2O evicts."""
 
-    merge_tokens: int | None = field(
-        default=None,
-        metadata={"help": "kept entries after an evicted one that share its value (None: recent)"},
+    merge_tokens: int | None = setting(
+        None, "kept entries after an evicted one that share its value (blank: the recent window)", low=1
     )
 
     name: ClassVar[str] = "cam"

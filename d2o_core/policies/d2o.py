@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import ops
-from .base import LayerPlan, MergeRule, Policy
+from .base import LayerPlan, MergeRule, Policy, setting
 
 VARIANTS = {
     # recent_share, beta, EMA statistic, decision shared by heads, protected layers
@@ -30,12 +30,30 @@ class D2O(Policy):
     """D2O. Settings left as None take the chosen variant's value (see `VARIANTS`)."""
 
     n_sink: int = 4
-    recent_share: float | None = None
-    variant: str = "paper"
-    merge: bool = True
-    beta: float | None = None
-    layer_budgets: str = "dynamic"
-    protected_layers: tuple[int, ...] | None = None
+    recent_share: float | None = setting(
+        None, "share of each layer's budget kept for recent tokens (blank: the variant's)", low=0.0, high=1.0
+    )
+    variant: str = setting(
+        "paper",
+        "paper: 3:1 heavy:recent, EMA of max similarity, per-head merges, softmax weights; "
+        "official code: 1:1, EMA of mean, shared decisions, layers 0, 1 and last kept whole",
+        choices=tuple(VARIANTS),
+    )
+    merge: bool = setting(True, "merge evicted tokens into similar kept ones (off: H2O with D2O budgets)")
+    beta: float | None = setting(
+        None,
+        "weight of the newest similarity in the merge threshold's EMA (blank: the variant's)",
+        low=0.05,
+        high=1.0,
+    )
+    layer_budgets: str = setting(
+        "dynamic",
+        "dynamic: dense-attention layers get more budget; uniform: all the same",
+        choices=("dynamic", "uniform"),
+    )
+    protected_layers: tuple[int, ...] | None = setting(
+        None, "layers that keep their full cache, e.g. 0, 1, -1 (blank: the variant's)"
+    )
 
     name: ClassVar[str] = "d2o"
     title: ClassVar[str] = "D2O"

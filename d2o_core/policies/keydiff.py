@@ -9,7 +9,7 @@ step, the new entry included). Sinks and the recent window are H2O's split, off 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import ops
@@ -20,7 +20,7 @@ from .base import Policy
 class KeyDiff(Policy):
     """Keep the most distinctive keys; no attention scores at all."""
 
-    recent_share: float = field(default=0.0, metadata={"help": "share of the budget kept as a recent window"})
+    recent_share: float = 0.0  # the papers keep no recent window
 
     name: ClassVar[str] = "keydiff"
     title: ClassVar[str] = "KeyDiff"

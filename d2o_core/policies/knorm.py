@@ -6,7 +6,7 @@ Sinks and the recent window are H2O's split, off by default (the paper keeps nei
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import ops
@@ -17,7 +17,7 @@ from .base import Policy
 class KeyNorm(Policy):
     """Low key norm correlates with high attention (the paper's observation); no attention scores."""
 
-    recent_share: float = field(default=0.0, metadata={"help": "share of the budget kept as a recent window"})
+    recent_share: float = 0.0  # the papers keep no recent window
 
     name: ClassVar[str] = "knorm"
     title: ClassVar[str] = "Key norm"

@@ -11,10 +11,10 @@ SnapKV's uniform budget instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import LayerPlan
+from .base import LayerPlan, setting
 from .snapkv import SnapKV
 
 
@@ -22,7 +22,7 @@ from .snapkv import SnapKV
 class PyramidKV(SnapKV):
     """SnapKV with a linear pyramid of layer budgets; `beta` sets how steep (larger: steeper)."""
 
-    beta: float = field(default=20.0, metadata={"help": "pyramid steepness: the last layer keeps avg/beta"})
+    beta: float = setting(20.0, "pyramid steepness: the last layer keeps avg/beta", low=1, high=100, step=1)
 
     name: ClassVar[str] = "pyramidkv"
     title: ClassVar[str] = "PyramidKV"

@@ -17,24 +17,25 @@ prompt score, so once no scored prompt entry is left the oldest of them leaves f
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import LayerPlan, Policy, _check_int
+from .base import LayerPlan, Policy, _check_int, setting
 
 
 @dataclass(frozen=True)
 class SnapKV(Policy):
     """Observation-window scores, fixed at prefill; `recent_share` plays no part (the window is recent)."""
 
-    window: int = field(default=64, metadata={"help": "last prompt queries that score the prompt (kept)"})
-    kernel: int = field(default=5, metadata={"help": "odd width of the average pooling over positions"})
+    window: int = setting(64, "last prompt queries that score the prompt (kept)", low=1, high=256, step=1)
+    kernel: int = setting(5, "odd width of the average pooling over positions", low=1, high=15, step=2)
 
     name: ClassVar[str] = "snapkv"
     title: ClassVar[str] = "SnapKV"
     description: ClassVar[str] = (
         "SnapKV: prompt scores from the last prompt queries, pooled (https://arxiv.org/abs/2404.14469)"
     )
+    unused_settings: ClassVar[tuple[str, ...]] = ("recent_share",)
     score_source: ClassVar[str] = "window"
 
     def __post_init__(self) -> None:
@@ -57,8 +58,3 @@ class SnapKV(Policy):
             return plan
         n_sink = min(self.n_sink, max(plan.budget - 1, 0))
         return dataclasses.replace(plan, n_sink=n_sink, n_recent=min(self.window, plan.budget - n_sink))
-
-    def settings(self) -> dict:
-        out = super().settings()
-        out.pop("recent_share")
-        return out

@@ -18,18 +18,15 @@ class StreamingLLM(Policy):
     """Keep the first `n_sink` positions and the most recent `budget - n_sink` entries."""
 
     n_sink: int = 4
+
     name: ClassVar[str] = "streaming"
     title: ClassVar[str] = "StreamingLLM"
     description: ClassVar[str] = (
         "StreamingLLM: attention sinks plus a recent window (https://arxiv.org/abs/2309.17453)"
     )
+    # The whole non-sink budget is the recent window.
+    unused_settings: ClassVar[tuple[str, ...]] = ("recent_share",)
 
     def split(self, plan: LayerPlan) -> LayerPlan:
         n_sink = min(self.n_sink, max(plan.budget - 1, 0))
         return dataclasses.replace(plan, n_sink=n_sink, n_recent=plan.budget - n_sink)
-
-    def settings(self) -> dict:
-        # recent_share plays no part: the whole non-sink budget is the recent window.
-        out = super().settings()
-        out.pop("recent_share")
-        return out

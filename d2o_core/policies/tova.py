@@ -9,23 +9,24 @@ arrives (a recent window of exactly one entry). At prefill the last prompt query
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import LayerPlan, Policy
+from .base import LayerPlan, Policy, setting
 
 
 @dataclass(frozen=True)
 class TOVA(Policy):
     """Keep the entries the newest query attends to most; `recent_share` plays no part."""
 
-    n_sink: int = field(default=0, metadata={"help": "first positions never evicted (the paper keeps none)"})
+    n_sink: int = setting(0, "first positions never evicted (the paper keeps none)", low=0, high=16, step=1)
 
     name: ClassVar[str] = "tova"
     title: ClassVar[str] = "TOVA"
     description: ClassVar[str] = (
         "TOVA: keep what the latest query attends to, no accumulation (https://arxiv.org/abs/2401.06104)"
     )
+    unused_settings: ClassVar[tuple[str, ...]] = ("recent_share",)
     score_source: ClassVar[str] = "latest"
 
     def split(self, plan: LayerPlan) -> LayerPlan:
@@ -33,8 +34,3 @@ class TOVA(Policy):
             return plan
         n_sink = min(self.n_sink, max(plan.budget - 1, 0))
         return dataclasses.replace(plan, n_sink=n_sink, n_recent=min(1, plan.budget - n_sink))
-
-    def settings(self) -> dict:
-        out = super().settings()
-        out.pop("recent_share")
-        return out

@@ -1,0 +1,69 @@
+"""The JSON API behind `api_name="compare"`: texts and metrics per policy, for `gradio_client`.
+
+What this module is: argument checks that name the field at fault (JSON has no int/float
+distinction for whole numbers, so 64.0 is 64; a string is never a number) and one comparison
+at the documented defaults. What it is not: no figures and no page state.
+"""
+
+from __future__ import annotations
+
+from d2o_core import run_summary
+
+from .compare_run import Sampling, _stream
+from .engine import Engine
+from .errors import page_errors
+from .policy_controls import Columns
+
+API_POLICIES = ("full", "h2o", "d2o")  # the endpoint's defaults (layout.py's signature uses these)
+API_BUDGET = 0.2
+API_MAX_NEW_TOKENS = 64
+
+
+def _kind(value) -> str:
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def check_args(prompt, policies, budget, max_new_tokens) -> tuple[str, list[str], float, int]:
+    """The API's arguments checked by type, each problem a sentence naming the parameter."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text (a string); got {_kind(prompt)}.")
+    if not prompt.strip():
+        raise ValueError("prompt is empty: send the text the model should continue.")
+    if policies is None:
+        policies = API_POLICIES
+    if not isinstance(policies, (list, tuple)) or not all(isinstance(p, str) for p in policies):
+        raise ValueError(
+            f'policies must be a list of names such as ["full", "h2o", "d2o"]; got {_kind(policies)}.'
+        )
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be a number, a fraction in (0, 1] such as 0.2; got {_kind(budget)}.")
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget is a fraction in (0, 1], e.g. 0.2 for 20 %; got {budget}.")
+    whole = isinstance(max_new_tokens, int) or (
+        isinstance(max_new_tokens, float) and max_new_tokens.is_integer()
+    )
+    if isinstance(max_new_tokens, bool) or not whole:
+        raise ValueError(f"max_new_tokens must be a whole number such as 64; got {_kind(max_new_tokens)}.")
+    return prompt, list(policies), float(budget), int(max_new_tokens)
+
+
+def api_compare(
+    engine: Engine,
+    prompt: str,
+    policies: list[str] | tuple[str, ...] | None = API_POLICIES,
+    budget: float = API_BUDGET,
+    max_new_tokens: int = API_MAX_NEW_TOKENS,
+) -> dict:
+    """Texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn.
+
+    Only the prompt is needed: policies default to full, h2o and d2o, budget to 0.2, 64 new tokens.
+    """
+    with page_errors("Generation"):
+        prompt, policies, budget, max_new_tokens = check_args(prompt, policies, budget, max_new_tokens)
+        chosen = Columns(policies, 100 * budget).policies(limit=None)  # no page columns to fill
+        lm = engine.get()
+        stream = _stream(lm, prompt, chosen, max_new_tokens, Sampling())
+        results = next(update.results for update in stream if update.kind == "done")
+    return run_summary.jsonable(
+        {"results": {label: {"text": res.text, "metrics": res.metrics} for label, res in results.items()}}
+    )

@@ -1,0 +1,230 @@
+"""What the Compare tab's buttons and pickers do: plain functions that return {output name: value}.
+
+What this module is: stream a comparison of columns (`policy_controls.Columns`), fill every output
+of a finished run from its results alone (`results_page`: the same for a live run, a stored example
+and a reopened file), redraw one figure when a picker moves, and write the downloads. Handlers take
+plain values and return dicts keyed by output names (`text:0`, `budget_fig`, ...), so tests call
+them without a browser; `compare_tab.py` maps names to components.
+
+What it is not: no layout, no model state (`Engine` holds the model; each request's results
+travel in the page's `gr.State`), no figure code (`ui/figures/`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from d2o_core import POLICIES, iter_compare, run_summary
+from d2o_core.events import ATTENTION_SCHEMA, EVENTS_SCHEMA, KEPT_SCHEMA, STEPS_SCHEMA, SURVIVAL_SCHEMA, frame
+from d2o_core.shape_models import NOTICE
+
+from . import figures
+from .engine import Engine, gpu
+from .errors import page_errors
+from .policy_controls import MAX_COLUMNS, Columns
+from .run_figures import attention_figure, budget_figure, drift_figure, kept_figure
+
+log = logging.getLogger(__name__)
+SLOTS = range(MAX_COLUMNS)
+IN_PROGRESS = ("Starting", "Loading", "Reading", "Generating")  # status lines of a run under way
+
+
+@dataclass
+class Sampling:
+    """How tokens are chosen: greedy at temperature 0, else sampled with `seed` (same for every column)."""
+
+    temperature: float = 0.0
+    seed: int = 0
+    chat: bool = True
+
+
+def column_title(label: str, settings: dict) -> str:
+    """'d2o(variant=official)@40%' -> '### D2O · variant=official · 40 %' (the budget always shown)."""
+    name = settings.get("policy", label)
+    title = POLICIES[name].title if name in POLICIES else name
+    rest = label.split("@")[0][len(name) :].strip("()")
+    parts = [title, *([rest.replace(",", ", ")] if rest else [])]
+    if name != "full" and isinstance(settings.get("budget"), (int, float)):
+        parts.append(f"{100 * settings['budget']:g} %")
+    return "### " + " · ".join(parts)
+
+
+def blank_columns(count: int) -> dict:
+    """Every column slot emptied; the first `count` shown."""
+    out = {f"text:{i}": "" for i in SLOTS} | {f"stats:{i}": "" for i in SLOTS}
+    return out | {f"col:{i}": gr.update(visible=i < count) for i in SLOTS}
+
+
+def run_comparison(
+    engine: Engine,
+    prompt: str,
+    columns: Columns | Callable[[], Columns],
+    max_new_tokens: int,
+    model: str | None = None,
+    sampling: Sampling | None = None,
+):
+    """Stream a comparison: yields dicts of output name -> value (texts per step, then figures).
+
+    columns : what to run, or a function that reads it from the page's controls (called inside the
+    page's error handling, so a bad setting becomes a sentence).
+    """
+    try:
+        with page_errors("Generation"):
+            yield from _run(engine, prompt, columns, max_new_tokens, model, sampling or Sampling())
+    except GeneratorExit:  # Gradio closes the generator on Stop (and when the page goes away)
+        log.info("Generation stopped before the end (Stop, or the page was closed).")
+        raise
+
+
+def run_ended(status: str | None):
+    """The status once a comparison's event has ended, however it ended (wired with Gradio's `.then`).
+
+    A run cut short by Stop still shows an in-progress line: say that it stopped, and where. A finished
+    run ("Done: ...") and a request refused before it started (an earlier line) stay as they are.
+    """
+    status = status or ""
+    if status.startswith("Generating"):
+        step = status.rpartition("step ")[2].strip(" .…")
+        return f"Stopped after step {step}; the texts above are what each policy wrote until then."
+    if status.startswith(IN_PROGRESS):
+        return "Stopped before the first token."
+    return gr.skip()
+
+
+def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Sampling):
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("The prompt is empty: type a prompt or pick an example.")
+    policies = (columns() if callable(columns) else columns).policies()
+    titles = {f"title:{i}": f"### {p.title}" for i, p in enumerate(policies)}
+    yield blank_columns(len(policies)) | titles | {"status": "Starting…"}
+    if not engine.is_loaded(model):
+        yield {"status": "Loading the model (the first start converts the bundled model, about 20 s)…"}
+    lm = engine.get(model)
+    slot: dict[str, int] = {}
+    for update in _stream(lm, prompt, policies, int(max_new_tokens), sampling):
+        if update.kind == "status":
+            yield {"status": update.text}
+        elif update.kind == "token":
+            i = slot.setdefault(update.label, len(slot))
+            yield {f"text:{i}": update.text, "status": f"Generating… step {update.step}"}
+        else:
+            n_prompt = next(iter(update.results.values())).metrics["prompt_tokens"]
+            status = (
+                f"Done: {n_prompt} prompt tokens read once, then {len(update.results)} columns decoded "
+                f"together as one batch (model {lm.name})." + (f" Note: {NOTICE}" if lm.shape_only else "")
+            )
+            meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": int(max_new_tokens)}
+            yield results_page(update.results, status, meta)
+
+
+@gpu
+def _stream(lm, prompt, policies, max_new_tokens, sampling: Sampling):
+    yield from iter_compare(
+        lm,
+        prompt,
+        policies,
+        max_new_tokens=max_new_tokens,
+        chat=sampling.chat,
+        temperature=float(sampling.temperature),
+        seed=int(sampling.seed),
+    )
+
+
+def _view_default(labels: list[str]) -> str:
+    for preferred in ("d2o", "h2o", "streaming"):
+        hits = [label for label in labels if label.startswith(preferred)]
+        if hits:
+            return hits[0]
+    return labels[0]
+
+
+def results_page(results: dict, status: str, meta: dict) -> dict:
+    """Every output a finished comparison fills (columns, summary, figures, pickers, state), drawn from
+    its results alone: the same for a live run's end, a stored example and a run opened from a file."""
+    labels = list(results)[:MAX_COLUMNS]
+    view = _view_default(labels)
+    first = next(iter(results.values())).metrics
+    layer = first["n_layers"] // 2
+    state = {"results": results, "model": meta.get("model"), "n_prompt": first["prompt_tokens"], "meta": meta}
+    out = blank_columns(len(labels))
+    for i, label in enumerate(labels):
+        res = results[label]
+        out |= {f"title:{i}": column_title(label, res.settings), f"text:{i}": res.text}
+        out[f"stats:{i}"] = run_summary.stats_line(res.metrics)
+    out |= {
+        "status": status,
+        "state": state,
+        "summary": run_summary.summary(results).round(3),
+        "budget_fig": budget_figure(results),
+        "drift_fig": drift_figure(results),
+        "attention_fig": attention_figure(results),
+        "view": gr.update(choices=labels, value=view),
+        "layer": gr.update(maximum=first["n_layers"] - 1, value=layer),
+        "head": gr.update(maximum=first["n_kv_heads"] - 1, value=0),
+    }
+    return out | policy_views(state, view, layer, 0)
+
+
+def policy_views(state: dict | None, label: str, layer: int, head: int) -> dict:
+    """The per-policy figures (cache over time, timeline, survival) and the kept-tokens view."""
+    results = (state or {}).get("results", {})
+    res = results.get(label)
+    if res is None:
+        return {
+            "cache_fig": figures.cache_over_time(frame({}, STEPS_SCHEMA)),
+            "survival_fig": figures.survival(frame({}, SURVIVAL_SCHEMA)),
+        } | timeline_view(None, label, 0, 0)
+    return {
+        "cache_fig": figures.cache_over_time(res.steps, label),
+        "survival_fig": figures.survival(res.survival(), label),
+    } | timeline_view(state, label, layer, head)
+
+
+def timeline_view(state: dict | None, label: str, layer: int, head: int) -> dict:
+    """The figures that follow the layer and head pickers: instant when a picker moves."""
+    results = (state or {}).get("results", {})
+    res = results.get(label)
+    if res is None:
+        empty = frame({}, EVENTS_SCHEMA)
+        return {
+            "timeline_fig": figures.timeline(empty, 0, 0, 0),
+            "kept_fig": figures.kept_tokens(frame({}, ATTENTION_SCHEMA), frame({}, KEPT_SCHEMA), 0, 0),
+        }
+    return {
+        "timeline_fig": figures.timeline(res.events, int(layer), int(head), state["n_prompt"], label),
+        "kept_fig": kept_figure(results, layer, head),
+    }
+
+
+def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> dict:
+    """Write events CSV, the run JSON and every figure as standalone HTML; returns the file list."""
+    if not state or not state.get("results"):
+        raise gr.Error("Nothing to download yet: run a prompt first.", print_exception=False)
+    results = state["results"]
+    folder = Path(tempfile.mkdtemp(prefix="d2o-run-"))
+    files = {
+        "events.csv": run_summary.events_csv(results),
+        "run.json": run_summary.comparison_json(results, state.get("meta") or {"model": state["model"]}),
+    }
+    views = policy_views(state, label, layer, head)
+    figs = {
+        "budget_heatmap": budget_figure(results),
+        "attention": attention_figure(results),
+        "drift": drift_figure(results),
+        "cache_over_time": views["cache_fig"],
+        "timeline": views["timeline_fig"],
+        "kept_tokens": views["kept_fig"],
+        "survival": views["survival_fig"],
+    }
+    files |= {f"{name}.html": figures.to_html(fig) for name, fig in figs.items()}
+    paths = []
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+        paths.append(str(folder / name))
+    return {"downloads": paths}

@@ -1,0 +1,186 @@
+"""The Compare tab: controls, one streaming column per configuration, then the figures. Wiring only.
+
+Zones: (1) prompt, examples (each shows its stored run at once), policies, budget, Advanced
+(generated per policy from the registry, extra columns, sampling), Run and Stop; (2) up to six
+columns, one per configuration, streaming their text with a stats line; (3) the figures with their
+pickers, downloads and "Open a run". Behaviour lives in `compare_run.py`, `stored_runs.py` and
+`open_run.py`; this module only places components and connects them.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from d2o_core import POLICIES
+
+from . import compare_run as C
+from . import policy_controls as P
+from . import stored_runs
+from .engine import Engine
+from .open_run import open_run
+from .wiring import wire
+
+SAMPLING_HELP = {
+    "temperature": "0 = greedy. Above 0, sampling with the seed below (the same for every column).",
+    "seed": "Sampling seed; the same seed gives the same text.",
+    "chat": "Wrap the prompt in the model's chat template.",
+}
+FIGURES = {  # output name: (label, element id), in page order below the pickers
+    "timeline_fig": ("Eviction and merge timeline", "timeline-fig"),
+    "kept_fig": ("What each column kept of one layer and head", "kept-fig"),
+    "survival_fig": ("Token survival over the prompt", "survival-fig"),
+    "cache_fig": ("Cache size over time", "cache-fig"),
+    "drift_fig": ("Drift from the full cache", "drift-fig"),
+}
+
+
+def _controls(engine: Engine) -> dict:
+    c: dict = {}
+    c["model"] = gr.Dropdown(
+        engine.models, value=engine.default, label="Model", visible=len(engine.models) > 1
+    )
+    c["picked"] = gr.CheckboxGroup(
+        [(POLICIES[n].title, n) for n in P.NAMES],
+        value=list(P.DEFAULT_PICKED),
+        label="Cache policies (one column each)",
+        elem_id="policies",
+    )
+    c["budget"] = gr.Slider(
+        5, 100, 20, step=1, label="KV budget (% of the prompt kept per layer)", elem_id="budget"
+    )
+    with gr.Accordion("Advanced", open=False):
+        gr.Markdown("Each policy's settings (defaults from its paper); they apply to its column.")
+        c["advanced"] = P.advanced_controls()
+        c["extras"] = P.extra_columns()
+        with gr.Row():
+            c["temperature"] = gr.Slider(
+                0, 1.5, 0, step=0.05, label="Temperature", info=SAMPLING_HELP["temperature"]
+            )
+            c["seed"] = gr.Number(0, precision=0, label="Seed", info=SAMPLING_HELP["seed"])
+            c["chat"] = gr.Checkbox(True, label="Chat template", info=SAMPLING_HELP["chat"])
+    with gr.Row():
+        c["run"] = gr.Button("Run", variant="primary", elem_id="run")
+        c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
+    return c
+
+
+def _columns() -> dict:
+    out = {}
+    with gr.Row(equal_height=True):
+        for i in C.SLOTS:
+            with gr.Column(
+                visible=False, min_width=220, elem_classes=["policy-col"], elem_id=f"col-{i}"
+            ) as col:
+                out[f"title:{i}"] = gr.Markdown(elem_id=f"title-{i}")
+                out[f"text:{i}"] = gr.Textbox(
+                    lines=6, max_lines=16, show_label=False, interactive=False, elem_id=f"text-{i}"
+                )
+                out[f"stats:{i}"] = gr.Markdown(elem_id=f"stats-{i}", elem_classes=["stats"])
+            out[f"col:{i}"] = col
+    return out
+
+
+def _figures() -> dict:
+    out = {"summary": gr.Dataframe(label="Summary", interactive=False, elem_id="summary")}
+    out["budget_fig"] = gr.Plot(label="Per-layer budgets", elem_id="budget-fig")
+    out["attention_fig"] = gr.Plot(label="The prompt's attention, layer by layer", elem_id="attention-fig")
+    with gr.Row():
+        out["view"] = gr.Dropdown([], label="Column shown below", elem_id="view")
+        out["layer"] = gr.Slider(0, 1, 0, step=1, label="Layer", elem_id="layer")
+        out["head"] = gr.Slider(0, 1, 0, step=1, label="KV head", elem_id="head")
+    for name, (label, elem_id) in FIGURES.items():
+        out[name] = gr.Plot(label=label, elem_id=elem_id)
+    with gr.Row():
+        with gr.Accordion("Downloads", open=False):
+            prepare = gr.Button(
+                "Prepare downloads (events CSV, run JSON, figures as HTML)", elem_id="prepare"
+            )
+            out["downloads"] = gr.File(
+                file_count="multiple", label="Files", interactive=False, elem_id="downloads"
+            )
+        out["open"] = gr.UploadButton("Open a run (JSON)", file_types=[".json"], elem_id="open-run")
+    out["prepare"] = prepare
+    return out
+
+
+def build(engine: Engine, demo: gr.Blocks) -> dict:
+    """The tab's components and wiring; returns what other tabs share (prompt, picked, model)."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=6,
+                max_lines=10,
+                elem_id="prompt",
+                placeholder="Type a prompt, or pick an example",
+            )
+            max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens")
+            examples = gr.Examples(
+                [[e["prompt"], e["max_new_tokens"]] for e in stored_runs.examples()],
+                [prompt, max_new],
+                example_labels=[e["name"] for e in stored_runs.examples()],
+                label="Examples (each opens its stored run at once)",
+                examples_per_page=12,
+            )
+        with gr.Column(scale=2):
+            c = _controls(engine)
+    status = gr.Markdown(elem_id="status")
+    state = gr.State()
+    out = _columns() | _figures()
+    outputs = {k: v for k, v in out.items() if k not in ("open", "prepare")}
+    outputs |= {"status": status, "state": state, "prompt": prompt, "run": c["run"]}
+    _wire_run(engine, c, prompt, max_new, outputs)
+    _wire_views(out, outputs, state)
+    page = list(outputs.values())
+    examples.dataset.click(
+        wire(stored_runs.show_example, outputs), [prompt, max_new], page, api_visibility="private"
+    )
+    out["open"].upload(wire(open_run, outputs), out["open"], page, api_visibility="private")
+    demo.load(
+        lambda: {outputs[k]: v for k, v in stored_runs.first_view().items()},
+        None,
+        page,
+        api_visibility="private",
+    )
+    return {"prompt": prompt, "picked": c["picked"], "model": c["model"]}
+
+
+def _wire_run(engine: Engine, c: dict, prompt, max_new, outputs: dict) -> None:
+    n_advanced = len(c["advanced"])
+
+    def compare(prompt, picked, budget, max_new, model, temperature, seed, chat, *values):
+        def columns():
+            settings = P.settings_from_values(list(values[:n_advanced]))
+            return P.Columns(picked, budget, settings, P.extras_from_values(list(values[n_advanced:])))
+
+        sampling = C.Sampling(temperature, seed, chat)
+        yield from C.run_comparison(engine, prompt, columns, max_new, model, sampling)
+
+    inputs = [prompt, c["picked"], c["budget"], max_new, c["model"], c["temperature"], c["seed"], c["chat"]]
+    event = c["run"].click(
+        wire(compare, outputs),
+        [*inputs, *c["advanced"], *c["extras"]],
+        list(outputs.values()),
+        api_visibility="private",
+        concurrency_id="model",
+    )
+    # However the run ended: Stop leaves an in-progress status behind, which becomes "Stopped ...".
+    # Gradio runs this once the server has ended the request, after its last streamed update.
+    event.then(C.run_ended, outputs["status"], outputs["status"], api_visibility="private", queue=False)
+    c["stop"].click(None, cancels=[event])
+
+
+def _wire_views(out: dict, outputs: dict, state) -> None:
+    pickers = [state, out["view"], out["layer"], out["head"]]
+    views = [out[k] for k in ("cache_fig", "survival_fig", "timeline_fig", "kept_fig")]
+    out["view"].change(wire(C.policy_views, outputs), pickers, views, api_visibility="private")
+    for picker in (out["layer"], out["head"]):
+        picker.change(
+            wire(C.timeline_view, outputs),
+            pickers,
+            [out["timeline_fig"], out["kept_fig"]],
+            api_visibility="private",
+        )
+    out["prepare"].click(
+        wire(C.prepare_downloads, outputs), pickers, out["downloads"], api_visibility="private"
+    )

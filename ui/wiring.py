@@ -1,0 +1,25 @@
+"""How a handler's {output name: value} dicts reach Gradio components.
+
+What this module is: `wire(handler, outputs)`, the one adapter every tab uses, and the shared
+`gr.Progress` default. What it is not: any behaviour; handlers live beside their tabs.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import gradio as gr
+
+PROGRESS = gr.Progress()  # Gradio injects the live tracker where a parameter defaults to one
+
+
+def wire(handler, outputs: dict):
+    """A Gradio function mapping a handler's {name: value} dicts onto components (generators stream)."""
+    if inspect.isgeneratorfunction(handler):
+
+        def stream(*args):
+            for out in handler(*args):
+                yield {outputs[k]: v for k, v in out.items()}
+
+        return stream
+    return lambda *args: {outputs[k]: v for k, v in handler(*args).items()}
