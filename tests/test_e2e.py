@@ -212,8 +212,9 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         assert "Paris" in page.input_value("#text-0 textarea")
         page.wait_for_function(ALL_FIGURES, timeout=30_000)
         # 4. Download the run, then reopen it.
+        page.get_by_text("Downloads", exact=True).click()  # open the accordion
         page.click("#prepare")
-        link = page.locator("#downloads a", has_text="run.json").first
+        link = page.locator("#downloads a[href$='run.json']").first  # its text is the file's size
         link.wait_for(timeout=60_000)
         href = link.get_attribute("href")
         saved = tmp_path / "run.json"
