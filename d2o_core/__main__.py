@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="generate with one policy, streaming the text")
     _generation_args(p, "d2o")
     p = sub.add_parser("show", help="print a saved run (--json of compare, or the page's run.json)")
-    p.add_argument("path", help="a run file (d2o-run/1 JSON)")
+    p.add_argument("path", help="a run file (d2o-run JSON)")
     p.add_argument("--html", default=None, help="also write a standalone HTML report with every figure here")
     p = sub.add_parser(
         "example-runs", help="store every example's run for the page's first view (assets/runs)"
