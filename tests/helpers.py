@@ -102,3 +102,22 @@ def held_positions(layer) -> list[list[int]]:
 def slot_of(layer, head: int, position: int) -> int:
     """The slot where kv-head `head` of `layer` holds original position `position`."""
     return int((layer.positions[head, : layer.used] == position).nonzero()[0])
+
+
+# The page's figure outputs (ui/compare_run.results_page fills them all).
+PAGE_FIGURES = (
+    "budget_fig",
+    "attention_fig",
+    "drift_fig",
+    "cache_fig",
+    "timeline_fig",
+    "kept_fig",
+    "survival_fig",
+)
+
+
+def figure_data(fig) -> dict:
+    """A figure as plain JSON: what two figures must share to show the same data."""
+    import json  # noqa: PLC0415
+
+    return json.loads(fig.to_json())

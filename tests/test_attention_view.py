@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TEXT, held_positions, tiny_model, walk
+from helpers import TEXT, figure_data, held_positions, tiny_model, walk
 
 import d2o_core
 from d2o_core import ops, run_summary, runfile
@@ -63,10 +63,6 @@ def kept_of(results: dict, layer: int, head: int) -> pd.DataFrame:
         for label, r in results.items()
     ]
     return pd.concat(parts, ignore_index=True)[["policy", *KEPT_SCHEMA]]
-
-
-def figure_data(fig) -> dict:
-    return json.loads(fig.to_json())
 
 
 # -- engine data ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from helpers import TEXT
+from helpers import PAGE_FIGURES, TEXT, figure_data
 
 import d2o_core
 from d2o_core import __main__ as cli
@@ -22,15 +22,7 @@ from ui.open_run import open_run
 from ui.report_html import report_figures, report_html
 
 FRAMES = ("events", "steps", "layer_budgets", "drift")
-FIGURES = (
-    "budget_fig",
-    "attention_fig",
-    "drift_fig",
-    "cache_fig",
-    "timeline_fig",
-    "kept_fig",
-    "survival_fig",
-)
+FIGURES = PAGE_FIGURES
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +63,6 @@ def test_a_reopened_run_holds_exactly_the_same_frames_texts_and_metrics(results,
         assert got.settings == res.settings and same_metrics(got.metrics, res.metrics)
     pd.testing.assert_frame_equal(run_summary.summary(back), run_summary.summary(results))
     assert runfile.load_run(runfile.save_run(back, meta))[0].keys() == back.keys()  # saves again
-
-
-def figure_data(fig: go.Figure) -> dict:
-    return json.loads(fig.to_json())
 
 
 def test_every_figure_drawn_from_a_reopened_run_has_the_same_data(results, saved):

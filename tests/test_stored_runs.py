@@ -5,30 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_model
+from helpers import PAGE_FIGURES, figure_data, tiny_model
 
 from ui import compare_run as C
 from ui import stored_runs as S
 from ui.engine import Engine
 from ui.policy_controls import DEFAULT_PICKED, Columns
 
-FIGURES = (
-    "budget_fig",
-    "attention_fig",
-    "drift_fig",
-    "cache_fig",
-    "timeline_fig",
-    "kept_fig",
-    "survival_fig",
-)
+FIGURES = PAGE_FIGURES
 SHORT = (
     {"name": "Short one", "prompt": "The quick brown fox jumps over the lazy dog. " * 6, "max_new_tokens": 6},
     {"name": "Another", "prompt": "Tell me about caches. " * 8, "max_new_tokens": 5},
 )
-
-
-def figure_data(fig) -> dict:
-    return json.loads(fig.to_json())
 
 
 @pytest.fixture
