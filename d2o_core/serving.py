@@ -66,6 +66,15 @@ def full_cache_mb(lm: LoadedModel, n_prompt: int, new_tokens: int) -> float:
     return lm.n_layers * (n_prompt + new_tokens) * entry_bytes(lm) / MB
 
 
+def cap_too_small(cap_mb: float, row_mb: float, policy: Policy) -> ValueError:
+    """The sentence for a cap that does not hold even one compressed row."""
+    return ValueError(
+        f"The KV cap of {cap_mb:.1f} MB is smaller than one compressed row, which needs "
+        f"{row_mb:.1f} MB at {policy.label} {100 * policy.budget:g} % budget; "
+        "raise kv_cap_mb or lower the budget."
+    )
+
+
 def _check(prompts, policy, max_new_tokens, kv_cap_mb, batch) -> None:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of prompts (strings or token-id lists).")
@@ -92,6 +101,13 @@ class _Row:
     peak_entries: int
     done: bool = False
     prefill_seconds: float = 0.0
+
+    def fresh(self, seed: int = 0) -> _Row:
+        """A copy as admitted (its compressed cache cloned, only the first token): to decode again."""
+        generator = torch.Generator().manual_seed(seed)
+        copy = _Row(self.index, self.ids, self.cache.clone(), generator, self.tokens[:1], self.peak_entries)
+        copy.prefill_seconds = self.prefill_seconds
+        return copy
 
 
 def serve_batch(
@@ -144,25 +160,19 @@ def serve_batch(
         rows, held = [], 0
         while waiting and (batch is None or len(rows) < batch):
             index = waiting[0]
-            start = time.perf_counter()
             row, prefill_entries = _admit(lm, index, ids[index], policy, max_new_tokens, temperature, seed)
             need = row.peak_entries * per_entry
             if batch is None and held + need > cap:
                 if not rows:
-                    raise ValueError(
-                        f"The KV cap of {cap_mb:.1f} MB is smaller than one compressed row, which needs "
-                        f"{need / MB:.1f} MB at {policy.label} {100 * policy.budget:g} % budget; "
-                        "raise kv_cap_mb or lower the budget."
-                    )
+                    raise cap_too_small(cap_mb, need / MB, policy)
                 break
             waiting.pop(0)
             compressed = row.cache.stored_entries() * per_entry
             admission_peak = max(admission_peak, held + prefill_entries * per_entry + compressed)
             held += need
-            row.prefill_seconds = time.perf_counter() - start
             rows.append(row)
             say(f"admitted row {index + 1}/{len(ids)} ({len(rows)} in this batch, {held / MB:.1f} MB)")
-        wave = _decode_rows(lm, rows, max_new_tokens, temperature, stop_at_eos, say)
+        wave = decode_rows(lm, rows, max_new_tokens, temperature, stop_at_eos, say)
         wave |= {"kv_mb_decode_peak": held / MB}
         waves.append(wave)
         for row in rows:
@@ -174,18 +184,39 @@ def serve_batch(
 
 def _admit(lm, index, ids, policy, max_new_tokens, temperature, seed) -> tuple[_Row, int]:
     """Prefill one prompt and compress it: its row, and the entries its prefill held."""
-    prefill = PrefillCache(lm.n_layers, **prefill_needs([policy]))
+    rows, prefill_entries = admit_shared(lm, index, ids, [policy], max_new_tokens, temperature, seed)
+    return rows[0], prefill_entries
+
+
+def admit_shared(
+    lm, index: int, ids: list[int], policies: Sequence[Policy], max_new_tokens: int, temperature=0.0, seed=0
+) -> tuple[list[_Row], int]:
+    """Prefill one prompt ONCE and compress it for each policy: one row per policy, and the entries
+    the prefill held. Each row's `prefill_seconds` is the shared prefill plus its own compression,
+    what admitting it alone would have cost; its cache is what `serve_batch` would have built."""
+    start = time.perf_counter()
+    prefill = PrefillCache(lm.n_layers, **prefill_needs(policies))
     logits = _prefill(lm, prefill, ids)
-    cache = PolicyCache.from_prefill(prefill, policy, extra=max_new_tokens + 1, log=EventLog(enabled=False))
-    generator = torch.Generator().manual_seed(seed)
-    first = _pick(logits, temperature, generator)
-    peak = decode_entries(cache, len(ids), max_new_tokens)
-    row = _Row(index, ids, cache, generator, [first], peak)
-    return row, lm.n_layers * len(ids)
+    shared = time.perf_counter() - start
+    rows = []
+    for policy in policies:
+        start = time.perf_counter()
+        cache = PolicyCache.from_prefill(
+            prefill, policy, extra=max_new_tokens + 1, log=EventLog(enabled=False)
+        )
+        generator = torch.Generator().manual_seed(seed)
+        first = _pick(logits, temperature, generator)
+        peak = decode_entries(cache, len(ids), max_new_tokens)
+        row = _Row(index, ids, cache, generator, [first], peak)
+        row.prefill_seconds = shared + time.perf_counter() - start
+        rows.append(row)
+    return rows, lm.n_layers * len(ids)
 
 
-def _decode_rows(lm, rows: list[_Row], max_new_tokens, temperature, stop_at_eos, say) -> dict:
-    """Decode admitted rows together until each stops; returns the batch's timing record."""
+def decode_rows(lm, rows: list[_Row], max_new_tokens, temperature=0.0, stop_at_eos=True, say=None) -> dict:
+    """Decode admitted rows together until each stops; returns the batch's timing record
+    (batch, steps, generated, decode_seconds, prefill_seconds). The rows' caches are used up."""
+    say = say or (lambda text: None)
     for row in rows:
         row.done = stop_at_eos and row.tokens[-1] in lm.eos_ids
     steps = generated = 0

@@ -7,6 +7,7 @@ No assertion here depends on how fast anything ran: only on rows, batch sizes an
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 
@@ -18,7 +19,7 @@ from conftest import tiny_model
 
 from d2o_core import shape_models
 from d2o_core.__main__ import main
-from d2o_core.eval import throughput_tables
+from d2o_core.eval import throughput, throughput_tables
 from d2o_core.eval.throughput import make_policies, run_throughput
 from d2o_core.run_summary import jsonable
 from ui import throughput_tab as T
@@ -45,9 +46,14 @@ def by_mode(doc: dict, mode: str) -> dict:
 
 
 def test_the_document_has_every_documented_key_and_is_strict_json(doc):
-    assert {"rows", "machine", "prompt_tokens", "new_tokens", "ratios", "kv_mb_cap", "date"} <= set(doc)
+    keys = {"rows", "machine", "prompt_tokens", "new_tokens", "ratios", "ratio_runs", "repeats", "kv_mb_cap"}
+    assert keys | {"date"} <= set(doc)
     for row in doc["rows"]:
         assert set(throughput_tables.ROW_KEYS) <= set(row) and row["mode"] in ("cap", "sweep")
+        assert (
+            len(row["tokens_per_second_runs"]) == len(row["decode_ms_per_step_runs"]) == doc["repeats"] == 3
+        )
+        assert row["tokens_per_second"] == statistics.median(row["tokens_per_second_runs"])
     assert LENGTH - 30 < doc["prompt_tokens"] <= LENGTH and doc["new_tokens"] == 3
     assert {"cpu", "cores", "torch", "device", "model"} <= set(doc["machine"])
     assert set(doc["ratios"]) == {f"{p}_over_full_{k}" for p in ("h2o", "d2o") for k in ("at_cap", "single")}
@@ -74,6 +80,53 @@ def test_the_sweep_runs_the_batch_sizes_asked_regardless_of_the_cap(doc):
         assert row["kv_mb_decode_peak"] == pytest.approx(batch * row["kv_mb_row"])
 
 
+def test_points_are_timed_in_interleaved_rounds_from_one_admission_per_prompt(lm, monkeypatch):
+    """Every round decodes every point once (policies alternate, so load drifts hit all alike), from
+    fresh copies of rows admitted once: each prompt is prefilled once for all policies."""
+    decoded, admitted = [], []
+    decode, admit = throughput._Point.decode, throughput.admit_shared
+
+    def spy_decode(point, *args):
+        decoded.append((point.admitted.policy.label, point.batch))
+        return decode(point, *args)
+
+    def spy_admit(lm, index, ids, policies, *args):
+        admitted.append((index, [p.label for p in policies]))
+        return admit(lm, index, ids, policies, *args)
+
+    monkeypatch.setattr(throughput._Point, "decode", spy_decode)
+    monkeypatch.setattr(throughput, "admit_shared", spy_admit)
+    doc = run_throughput(lm, **SETTINGS, policies=("full", "h2o"), batches=[1, 2], repeats=2)
+    warm, rounds = decoded[0], decoded[1:]
+    first = [("full", 1), ("h2o", 1), ("h2o", 2), ("full", 2)]  # alone, at the cap, then the sweep
+    assert warm == ("full", 1) and rounds == first + first
+    assert [i for i, _ in admitted] == list(range(len(admitted))) and admitted[0][1] == ["full", "h2o"]
+    assert len(admitted) == 3  # h2o's third row shows that two fit; full needed two for the sweep
+    runs = doc["ratio_runs"]["h2o_over_full_at_cap"]
+    cap = {r["policy"]: r for r in doc["rows"] if r["mode"] == "cap"}
+    assert runs == pytest.approx(
+        [h / f for h, f in zip(cap["h2o"]["tokens_per_second_runs"], cap["full"]["tokens_per_second_runs"])]
+    )
+
+
+def test_a_row_served_alone_equals_its_admitted_copy(lm):
+    """What is timed is what serve_batch would decode: same tokens from a shared admission's copies."""
+    from d2o_core import POLICIES, serve_batch, serving
+
+    policy = POLICIES["d2o"](budget=0.4)
+    prompts = [throughput.bench.bench_prompt(lm, LENGTH, seed=i) for i in range(2)]
+    rows = [
+        serving.admit_shared(lm, i, ids, [POLICIES["full"](), policy], 4)[0][1]
+        for i, ids in enumerate(prompts)
+    ]
+    copies = [row.fresh() for row in rows]
+    serving.decode_rows(lm, copies, 4, stop_at_eos=False)
+    again = [row.fresh() for row in rows]
+    serving.decode_rows(lm, again, 4, stop_at_eos=False)
+    alone = serve_batch(lm, prompts, policy, max_new_tokens=4, batch=2, chat=False, stop_at_eos=False)
+    assert [r.tokens for r in copies] == [r.tokens for r in again] == alone.token_ids
+
+
 def test_policy_specs_read_variants_and_settings():
     labels = [p.label for p in make_policies(["full", "d2o", "d2o:official"], 0.2)]
     assert labels == ["full", "d2o", "d2o(variant=official)"]
@@ -94,6 +147,7 @@ def test_policy_specs_read_variants_and_settings():
         (dict(policies=("nope",)), "unknown policy"),
         (dict(prompt_tokens=100_000), "prompt_tokens must be"),
         (dict(new_tokens=1), "new_tokens must be"),
+        (dict(repeats=0), "repeats must be"),
         (dict(settings={"h2o": {"n_sink": 2}}, policies=("full",)), "not among the policies"),
         (dict(kv_cap_mb=0.01), "smaller than one compressed row"),
     ],

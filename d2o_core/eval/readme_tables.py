@@ -41,12 +41,13 @@ RESULTS_SWEEP = dict(
 )  # fmt: skip
 # policy_names: every registered policy, so a new one joins the tables without an edit here.
 RESULTS_BENCH = dict(prompt_tokens=(512, 1024, 2048), budget=0.2, new_tokens=32, repeats=3, load=True)
-# Largest batch under one full-cache row's KV for each policy, then a batch-size sweep of three:
-# ~65 prefills of 2048 tokens plus their decodes, several minutes more on a 2-core CPU.
+# Largest batch under one full-cache row's KV for each policy, then a batch-size sweep of three,
+# every point timed in 3 interleaved rounds (medians): 8 prefills of 2048 tokens shared by every
+# policy plus 4 x 18 decodes, several minutes more on a 2-core CPU.
 RESULTS_THROUGHPUT = dict(
     prompt_tokens=2048, budget=0.2, new_tokens=32,
     policies=("full", "streaming", "h2o", "d2o", "d2o:official"),
-    batches=(1, 2, 4, 8), sweep_policies=("full", "h2o", "d2o"),
+    batches=(1, 2, 4, 8), sweep_policies=("full", "h2o", "d2o"), repeats=3,
 )  # fmt: skip
 
 
@@ -108,6 +109,16 @@ def results_block(df: pd.DataFrame, doc: dict, seconds: float) -> str:
     )
 
 
+def _timing(doc: dict) -> str:
+    """How each point was timed, in words (older files ran each point once)."""
+    n = doc.get("repeats", 1)
+    return (
+        "one timed run per point"
+        if n == 1
+        else f"the median of {n} rounds per point, interleaved across policies"
+    )
+
+
 def throughput_block(doc: dict) -> str:
     """The README throughput block: settings and machine, the table at the cap, the sweep, the ratios."""
     m = doc["machine"]
@@ -117,7 +128,7 @@ def throughput_block(doc: dict) -> str:
             f"Measured {doc.get('date', 'on an unrecorded date')} ({doc['wall_seconds'] / 60:.1f} min): "
             f"{m['model']} ({m['dtype']}) on {m['cpu']}, {m['cores']} cores, device {m['device']}; "
             f"{doc['prompt_tokens']} prompt tokens per row, budget {100 * doc['budget']:g} %, "
-            f"{doc['new_tokens']} new tokens per row (EOS ignored), one timed run per point after a warm-up; "
+            f"{doc['new_tokens']} new tokens per row (EOS ignored), {_timing(doc)} after a warm-up; "
             f"cap {doc['kv_mb_cap']:.1f} MB of KV per batch"
             + (" (one full-cache row)." if doc.get("kv_cap_default", True) else ".")
             + (f" Note: {NOTICE}" if m.get("shape_only") else ""),

@@ -1,20 +1,24 @@
 """Throughput under a KV-memory cap: how many rows each policy fits, and the tokens/s that buys.
 
-What this module is: `run_throughput` (the measurement, through `serving.serve_batch`), the
-policy specs it takes (`make_policies`: "d2o:official" too) and the `throughput` subcommand; the
-pure tables and ratios it prints are in throughput_tables.py. Every policy gets the same cap
+What this module is: `run_throughput` (the measurement, with `serving`'s admission and decode),
+the policy specs it takes (`make_policies`: "d2o:official" too) and the `throughput` subcommand;
+the pure tables and ratios it prints are in throughput_tables.py. Every policy gets the same cap
 (default: the KV of ONE full-cache row of the prompt length plus its new tokens). Cap mode finds
 the largest batch under it; with `batches`, a sweep also runs each batch size regardless of the
 cap, for the plot.
 
-How the largest batch is found: one row is served alone under the cap first (the probe). That
-gives the exact decode-time KV of a row (prompts of one length give rows of one size) and the
-one-sequence speed; `rows_under_cap` then says how many rows fit, and exactly that many prompts
-are served under the cap, so no time goes on decoding a second wave. The probe doubles as the
-sweep's batch-1 point, and the cap run as the sweep's point of the same size.
+How it is measured, and why so: admission (a 2k-token prefill, then compression) costs seconds
+per row and decoding is what is compared, so every prompt is read once and compressed for every
+policy from that one prefill (`serving.admit_shared`; each row is what `serve_batch` would have
+built). A policy keeps admitting rows while they fit under the cap, counted exactly as
+`serve_batch` counts (and at least as many as the sweep needs). Then every point (a policy at a
+batch size: one row alone, the largest batch under the cap, the sweep's sizes) is decoded
+`repeats` times from fresh copies of its admitted rows, INTERLEAVED: round after round, each
+round decoding every point once, so slow drifts of a shared machine's load hit every policy
+alike. A point reports the median tokens/s and ms/step of its rounds, and keeps every round.
 
-What it is not: a serving engine or a statistics package: one timed run per point, after one
-warm-up, every row decoding `new_tokens` (EOS ignored, equal work). No plotting (ui/).
+What it is not: a serving engine or a statistics package (medians of a few rounds, one untimed
+warm-up; every row decodes `new_tokens`, EOS ignored, equal work). No plotting (ui/).
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..policies import POLICIES, Policy, build
 from ..run_summary import jsonable
-from ..serving import BatchResult, full_cache_mb, serve_batch
+from ..serving import MB, admit_shared, cap_too_small, decode_rows, entry_bytes, full_cache_mb
 from . import bench
-from .throughput_tables import ratio_lines, ratios, rows_under_cap, table
+from .throughput_tables import ratio_lines, ratio_runs, ratios, rows_under_cap, table
 
 MAX_ROWS = 64  # a cap that fits more rows than this is almost surely a typo
+REPEATS = 3  # timed rounds per point: the median of 3 shrugs off one disturbed round
+MAX_REPEATS = 50
 Progress = Callable[[int, int, str], None]
 
 
@@ -78,29 +86,101 @@ def check_batches(batches) -> list[int]:
     return sorted(set(items))
 
 
-def _row(policy: Policy, result: BatchResult, mode: str, cap_mb: float) -> dict:
-    """One record from the first (in practice only) wave of `result`."""
-    wave, m = result.waves[0], result.metrics
-    seconds = wave["decode_seconds"]
-    peak = wave["kv_mb_decode_peak"]
-    return {
-        "policy": policy.label,
-        "budget": policy.budget,
-        "batch": wave["batch"],
-        "tokens_per_second": wave["generated"] / seconds if seconds > 0 else math.nan,
-        "decode_ms_per_step": 1000 * seconds / wave["steps"] if wave["steps"] else math.nan,
-        "kv_mb_cap": cap_mb,
-        "kv_mb_decode_peak": peak,
-        "kv_mb_admission_peak": m["kv_mb_admission_peak"],
-        "rss_mb": m["rss_mb"],
-        "fits_cap": bool(peak <= cap_mb * (1 + 1e-9)),
-        "mode": mode,
-        "kv_mb_row": peak / wave["batch"],
-        "prefill_seconds": wave["prefill_seconds"],
-    }
+@dataclass
+class _Admitted:
+    """One policy's admitted rows (never decoded: points decode fresh copies) and their memory."""
+
+    policy: Policy
+    rows: list = field(default_factory=list)
+    need: list = field(default_factory=list)  # bytes each row holds while decoding
+    admission: list = field(default_factory=list)  # bytes held while admitting row i after rows < i
+
+    def fit(self, cap: float) -> int:
+        """How many rows serve_batch would admit under `cap` bytes (in order, while they fit)."""
+        held, k = 0, 0
+        while k < len(self.need) and held + self.need[k] <= cap:
+            held, k = held + self.need[k], k + 1
+        return k
+
+    def wants_more(self, cap: float, least: int) -> bool:
+        """Rows are still needed: fewer than `least`, or all admitted so far still fit the cap."""
+        return len(self.rows) < least or sum(self.need) <= cap
 
 
-def _checks(lm, prompt_tokens, new_tokens, kv_cap_mb) -> None:
+def _admit_all(lm, chosen, least: dict, cap_mb: float, prompt_tokens: int, new_tokens: int, say) -> dict:
+    """Admit prompts 0, 1, ... (one prefill each, compressed for every policy still admitting)."""
+    cap, per_entry = cap_mb * MB, entry_bytes(lm)
+    admitted = {p.label: _Admitted(p) for p in chosen}
+    index = 0
+    while True:
+        needing = [a for a in admitted.values() if a.wants_more(cap, least[a.policy.label])]
+        if not needing:
+            return admitted
+        ids = bench.bench_prompt(lm, prompt_tokens, seed=index)  # distinct prompts of one length
+        rows, prefill_entries = admit_shared(lm, index, ids, [a.policy for a in needing], new_tokens)
+        for a, row in zip(needing, rows):
+            a.admission.append(sum(a.need) + (prefill_entries + row.cache.stored_entries()) * per_entry)
+            a.rows.append(row)
+            a.need.append(row.peak_entries * per_entry)
+            if index == 0:
+                _check_fits(a, cap_mb)
+        index += 1
+        say(f"admitted prompt {index} ({', '.join(a.policy.label for a in needing)})")
+
+
+def _check_fits(a: _Admitted, cap_mb: float) -> None:
+    """Sentences for a cap that holds no row, or implausibly many (almost surely a typo)."""
+    row_mb = a.need[0] / MB
+    if row_mb > cap_mb:
+        raise cap_too_small(cap_mb, row_mb, a.policy)
+    fit = rows_under_cap(cap_mb, row_mb)
+    if fit > MAX_ROWS:
+        raise ValueError(
+            f"The cap of {cap_mb:.1f} MB fits {fit} rows of {a.policy.label}; at most {MAX_ROWS} are run "
+            "here. Lower kv_cap_mb."
+        )
+
+
+@dataclass
+class _Point:
+    """A policy at one batch size, decoded once per round."""
+
+    admitted: _Admitted
+    batch: int
+    runs: list = field(default_factory=list)  # serving.decode_rows records, one per round
+    rss_mb: float = math.nan
+
+    def decode(self, lm, new_tokens: int, say) -> dict:
+        rows = [row.fresh() for row in self.admitted.rows[: self.batch]]
+        return decode_rows(lm, rows, new_tokens, stop_at_eos=False, say=say)
+
+    def record(self, mode: str, cap_mb: float) -> dict:
+        a, b = self.admitted, self.batch
+        tps = [
+            r["generated"] / r["decode_seconds"] if r["decode_seconds"] > 0 else math.nan for r in self.runs
+        ]
+        ms = [1000 * r["decode_seconds"] / r["steps"] if r["steps"] else math.nan for r in self.runs]
+        peak = sum(a.need[:b]) / MB
+        return {
+            "policy": a.policy.label,
+            "budget": a.policy.budget,
+            "batch": b,
+            "tokens_per_second": statistics.median(tps),
+            "decode_ms_per_step": statistics.median(ms),
+            "kv_mb_cap": cap_mb,
+            "kv_mb_decode_peak": peak,
+            "kv_mb_admission_peak": max(a.admission[:b]) / MB,
+            "rss_mb": self.rss_mb,
+            "fits_cap": bool(peak <= cap_mb * (1 + 1e-9)),
+            "mode": mode,
+            "kv_mb_row": peak / b,
+            "prefill_seconds": sum(row.prefill_seconds for row in a.rows[:b]),
+            "tokens_per_second_runs": tps,
+            "decode_ms_per_step_runs": ms,
+        }
+
+
+def _checks(lm, prompt_tokens, new_tokens, kv_cap_mb, repeats) -> None:
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
     if not whole(prompt_tokens) or not 1 <= prompt_tokens <= lm.max_prompt_tokens:
         raise ValueError(
@@ -112,6 +192,8 @@ def _checks(lm, prompt_tokens, new_tokens, kv_cap_mb) -> None:
         isinstance(kv_cap_mb, bool) or not isinstance(kv_cap_mb, int | float) or not kv_cap_mb > 0
     ):
         raise ValueError(f"kv_cap_mb must be a positive number of MB; got {kv_cap_mb!r}.")
+    if not whole(repeats) or not 1 <= repeats <= MAX_REPEATS:
+        raise ValueError(f"repeats must be a whole number from 1 to {MAX_REPEATS}; got {repeats!r}.")
 
 
 def run_throughput(
@@ -126,6 +208,7 @@ def run_throughput(
     progress: Progress | None = None,
     settings: dict[str, dict] | None = None,
     sweep_policies: Sequence[str] | None = None,
+    repeats: int = REPEATS,
 ) -> dict:
     """Largest batch under the cap per policy (mode "cap"), and with `batches` a sweep (mode "sweep").
 
@@ -136,68 +219,65 @@ def run_throughput(
         new_tokens)`, one full-cache row.
     batches : batch sizes run regardless of the cap, for every policy, or only for those whose spec
         or label is in `sweep_policies`.
-    progress : `progress(done, total, message)`, called after every serve_batch call and inside them.
+    repeats : timed rounds; each round decodes every point once, interleaved across policies.
+    progress : `progress(done, total, message)`, called after every admission and decode and inside them.
 
     Returns
     -------
-    dict (JSON-ready after `run_summary.jsonable`): rows (`ROW_KEYS` plus kv_mb_row, prefill_seconds and,
-    for cap rows, single_tokens_per_second: one row alone), machine, prompt_tokens (actual),
-    target_tokens, new_tokens, budget, kv_mb_cap, kv_cap_default, date, policies, batches, ratios,
-    wall_seconds.
+    dict (JSON-ready after `run_summary.jsonable`): rows (`ROW_KEYS` plus kv_mb_row, prefill_seconds,
+    tokens_per_second_runs and decode_ms_per_step_runs (every round; the row's figures are their
+    medians) and, for cap rows, single_tokens_per_second: one row alone), machine, prompt_tokens
+    (actual), target_tokens, new_tokens, budget, kv_mb_cap, kv_cap_default, date, policies, batches,
+    repeats, ratios (of the medians), ratio_runs (the same ratios round by round), wall_seconds.
     """
     chosen = make_policies(policies, budget, settings)
     sizes = check_batches(batches) if batches is not None else []
-    _checks(lm, prompt_tokens, new_tokens, kv_cap_mb)
+    _checks(lm, prompt_tokens, new_tokens, kv_cap_mb, repeats)
     named = lambda spec, p: sweep_policies is None or {str(spec), p.label} & set(sweep_policies)
-    swept = [p for spec, p in zip(policies, chosen) if named(spec, p)]
+    swept = {p.label for spec, p in zip(policies, chosen) if named(spec, p)}
     cap_mb = float(kv_cap_mb) if kv_cap_mb is not None else full_cache_mb(lm, prompt_tokens, new_tokens)
-    prompts: list[list[int]] = []
-    total, done = 2 * len(chosen) + len(sizes) * len(swept) + 1, 0
-    say = progress or (lambda done, total, message: None)
+    report = progress or (lambda done, total, message: None)
+    done, total = 0, 1
 
-    def serve(policy: Policy, count: int, batch: int | None) -> BatchResult:
-        nonlocal done
-        while len(prompts) < count:  # distinct prompts of one length: passkey samples, seeds 0, 1, ...
-            prompts.append(bench.bench_prompt(lm, prompt_tokens, seed=len(prompts)))
-        inner = lambda message: say(done, total, f"{policy.label}: {message}")
-        result = serve_batch(
-            lm, prompts[:count], policy, max_new_tokens=new_tokens, kv_cap_mb=cap_mb, batch=batch,
-            stop_at_eos=False, progress=inner,
-        )  # fmt: skip
-        done += 1
-        say(done, total, f"{policy.label}: {result.waves[0]['batch']} rows done")
-        return result
+    def say(message: str) -> None:
+        report(done, total, message)
 
     start = time.perf_counter()
-    serve(chosen[0], 1, 1)  # warm-up, not recorded
-    rows, cap_runs = [], {}
-    for policy in chosen:
-        probe = serve(policy, 1, None)  # one row alone under the cap: raises if even that does not fit
-        fit = rows_under_cap(cap_mb, probe.waves[0]["kv_mb_decode_peak"])
-        if fit > MAX_ROWS:
-            raise ValueError(
-                f"The cap of {cap_mb:.1f} MB fits {fit} rows of {policy.label}; at most {MAX_ROWS} are run "
-                "here. Lower kv_cap_mb."
-            )
-        main = probe if fit == 1 else serve(policy, fit, None)
-        if fit == 1:
+    least = {p.label: max(sizes) if sizes and p.label in swept else 1 for p in chosen}
+    admitted = _admit_all(lm, chosen, least, cap_mb, prompt_tokens, new_tokens, say)
+    points, fits = {}, {}
+    for p in chosen:
+        a = admitted[p.label]
+        fits[p.label] = a.fit(cap_mb * MB)
+        for size in [1, fits[p.label], *(sizes if p.label in swept else [])]:
+            points.setdefault((p.label, size), _Point(a, size))
+    # Round order: every policy alone, then each at its cap batch, then the sweep's sizes.
+    order = sorted(
+        points.values(), key=lambda pt: (pt.batch != 1, pt.batch != fits[pt.admitted.policy.label], pt.batch)
+    )
+    done, total = 1, 1 + repeats * len(order)
+    say("warm-up")
+    order[0].decode(lm, new_tokens, say)  # not recorded
+    for round_ in range(repeats):
+        for point in order:
+            label = f"{point.admitted.policy.label} x{point.batch}, round {round_ + 1}/{repeats}"
+            point.runs.append(point.decode(lm, new_tokens, lambda m, label=label: say(f"{label}: {m}")))
+            point.rss_mb = bench.peak_rss_mb()
             done += 1
-        single = _row(policy, probe, "cap", cap_mb)["tokens_per_second"]
-        rows.append(_row(policy, main, "cap", cap_mb) | {"single_tokens_per_second": single})
-        cap_runs[policy.label] = {1: probe, main.waves[0]["batch"]: main}
-    for policy in swept:
-        for size in sizes:
-            run = cap_runs[policy.label].get(size)
-            if run is not None and len(run.waves) == 1:
-                done += 1  # the same work was done in cap mode: reuse it
-            else:
-                run = serve(policy, size, size)
-            rows.append(_row(policy, run, "sweep", cap_mb))
-    say(total, total, "done")
+            say(f"{label} done")
+    rows = []
+    for p in chosen:
+        cap = points[(p.label, fits[p.label])].record("cap", cap_mb)
+        single = points[(p.label, 1)].record("cap", cap_mb)["tokens_per_second"]
+        rows.append(cap | {"single_tokens_per_second": single})
+    rows += [
+        points[(p.label, size)].record("sweep", cap_mb) for p in chosen if p.label in swept for size in sizes
+    ]
+    say("done")
     doc = {
         "rows": rows,
         "machine": bench.machine_info(lm) | {"peak_rss_mb": bench.peak_rss_mb()},
-        "prompt_tokens": len(prompts[0]),
+        "prompt_tokens": len(admitted[chosen[0].label].rows[0].ids),
         "target_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "budget": float(budget),
@@ -206,9 +286,10 @@ def run_throughput(
         "date": datetime.date.today().isoformat(),
         "policies": [p.label for p in chosen],
         "batches": sizes,
+        "repeats": repeats,
         "wall_seconds": time.perf_counter() - start,
     }
-    return doc | {"ratios": ratios(rows)}
+    return doc | {"ratios": ratios(rows), "ratio_runs": ratio_runs(rows)}
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -255,7 +336,7 @@ def cmd_throughput(args) -> int:
         doc = run_throughput(
             lm, prompt_tokens=args.prompt_tokens, budget=args.budget, new_tokens=args.new_tokens,
             policies=specs, kv_cap_mb=args.kv_cap_mb, batches=batches, progress=progress, settings=settings,
-            sweep_policies=swept,
+            sweep_policies=swept, repeats=args.repeats,
         )  # fmt: skip
     print_report(doc)
     if args.json:
@@ -281,6 +362,9 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     )
     p.add_argument(
         "--sweep-policies", default=None, help="sweep only these, e.g. full,h2o,d2o (default: all)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=REPEATS, help="timed rounds per point, interleaved across policies"
     )
     p.add_argument(
         "--json", default=None, help="write every number here; the app reads assets/throughput.json"

@@ -38,7 +38,8 @@ def rows_under_cap(cap_mb: float, row_mb: float) -> int:
 
 def ratios(rows: list[dict]) -> dict:
     """`<label>_over_full_at_cap` (tokens/s at each policy's largest batch under the cap, over the
-    full cache's) and `<label>_over_full_single` (one row alone each); NaN without a full-cache row."""
+    full cache's; medians over rounds when rounds were run) and `<label>_over_full_single` (one row
+    alone each); NaN without a full-cache row."""
     cap = {r["policy"]: r for r in rows if r["mode"] == "cap"}
     full = cap.get("full", {})
     out = {}
@@ -49,6 +50,20 @@ def ratios(rows: list[dict]) -> dict:
                 r.get("single_tokens_per_second", math.nan), full.get("single_tokens_per_second", 0)
             )
     return out
+
+
+def ratio_runs(rows: list[dict]) -> dict:
+    """`ratios` round by round: round i of a policy over round i of the full cache (the rounds are
+    interleaved, so each pair was measured side by side); lists, empty without rounds."""
+    cap = {r["policy"]: r for r in rows if r["mode"] == "cap"}
+    full = cap.get("full", {}).get("tokens_per_second_runs") or []
+    return {
+        f"{label}_over_full_at_cap": [
+            ratio(x, y) for x, y in zip(r.get("tokens_per_second_runs") or [], full)
+        ]
+        for label, r in cap.items()
+        if label != "full"
+    }
 
 
 def table(doc: dict) -> pd.DataFrame:
@@ -97,14 +112,17 @@ def ratio_lines(doc: dict) -> list[str]:
     """One sentence per compressed policy, e.g. "d2o at the cap: 3.4x the full cache's tokens/s ..."."""
     cap = {r["policy"]: r for r in doc.get("rows") or [] if r["mode"] == "cap"}
     r, lines = doc.get("ratios") or {}, []
+    rounds = doc.get("ratio_runs") or {}
     for label, row in cap.items():
         at_cap = r.get(f"{label}_over_full_at_cap", math.nan)
         if label == "full" or at_cap is None or math.isnan(at_cap):
             continue
         single = r.get(f"{label}_over_full_single")
         alone = "" if single is None or math.isnan(single) else f"; one row alone: {single:.2f}x"
+        each = [x for x in rounds.get(f"{label}_over_full_at_cap") or [] if not math.isnan(x)]
+        spread = f"; {len(each)} rounds: {min(each):.1f}x to {max(each):.1f}x" if len(each) > 1 else ""
         lines.append(
             f"{label} at the cap: {at_cap:.1f}x the full cache's tokens/s (batch {row['batch']} against "
-            f"{cap['full']['batch']}{alone})"
+            f"{cap['full']['batch']}{alone}{spread})"
         )
     return lines
