@@ -47,7 +47,7 @@ RESULTS_BENCH = dict(prompt_tokens=(512, 1024, 2048), budget=0.2, new_tokens=32,
 RESULTS_THROUGHPUT = dict(
     prompt_tokens=2048, budget=0.2, new_tokens=32,
     policies=("full", "streaming", "h2o", "d2o", "d2o:official"),
-    batches=(1, 2, 4, 8), sweep_policies=("full", "h2o", "d2o"), repeats=3,
+    batches=(1, 2, 4, 8), sweep_policies=("full", "h2o", "d2o"), repeats=5,
 )  # fmt: skip
 
 
