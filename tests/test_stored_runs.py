@@ -19,16 +19,18 @@ SHORT = (
 )
 
 
-@pytest.fixture
-def tiny_runs(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
     """Stored runs of two short examples made with a tiny model, in a temporary folder."""
-    monkeypatch.setattr(S, "examples", lambda: SHORT)
-    monkeypatch.setattr(S, "RUNS", tmp_path)
-    S._stored.cache_clear()
-    S.example_page.cache_clear()
-    engine = Engine(["tiny"], loader=lambda name: tiny_model())
-    paths = S.write_stored_runs(engine, tmp_path, say=lambda *_: None)
-    yield engine, paths
+    folder = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "examples", lambda: SHORT)
+        mp.setattr(S, "RUNS", folder)
+        S._stored.cache_clear()
+        S.example_page.cache_clear()
+        engine = Engine(["tiny"], loader=lambda name: tiny_model())
+        paths = S.write_stored_runs(engine, folder, say=lambda *_: None)
+        yield engine, paths
     S._stored.cache_clear()
     S.example_page.cache_clear()
 
@@ -63,21 +65,3 @@ def test_regenerating_a_stored_run_gives_the_same_texts_and_frames(tiny_runs, tm
         for label in a["results"]:
             for key in ("text", "token_ids", "events", "steps", "layer_budgets", "settings"):
                 assert a["results"][label][key] == b["results"][label][key], (label, key)
-
-
-def test_every_example_in_assets_has_a_stored_run_of_the_default_columns():
-    names = [e["name"] for e in S.examples()]
-    assert S.FIRST in names
-    for example in S.examples():
-        results, meta = S._stored(example["name"])
-        assert meta["prompt"] == example["prompt"] and meta["max_new_tokens"] == example["max_new_tokens"]
-        assert [r.settings["policy"] for r in results.values()] == list(DEFAULT_PICKED)
-        assert all(r.settings["budget"] == 0.2 for r in results.values())
-        assert not next(iter(results.values())).attention.empty  # the attention view has data
-
-
-def test_the_first_view_is_the_passkey_run_with_every_figure():
-    page = S.first_view()
-    assert page["status"].startswith(f"Stored run of the example “{S.FIRST}”")
-    for key in FIGURES:
-        assert page[key].data, key
