@@ -104,14 +104,15 @@ def prompt_attention(prefill: PrefillCache, n_kv: int, prompt_tokens: list[str])
 
 
 def make_result(
-    lm: LoadedModel, ids: list[int], run, with_fidelity: bool, attention: pd.DataFrame | None = None
+    lm: LoadedModel, prompt_tokens: list[str], run, with_fidelity: bool, attention: pd.DataFrame | None = None
 ) -> RunResult:
     """Assemble a policy's `RunResult` once its run is over (`run`: the runner's per-policy state).
 
+    prompt_tokens : the prompt's token texts (`token_texts`), decoded once for every policy.
     attention : the comparison's `prompt_attention` frame, attached as is (not copied); empty if None.
     """
-    cache, n_prompt = run.cache, len(ids)
-    prompt_tokens, generated = token_texts(lm, ids), token_texts(lm, run.tokens)
+    cache, n_prompt = run.cache, len(prompt_tokens)
+    generated = token_texts(lm, run.tokens)
     metrics = {"prompt_tokens": n_prompt, "new_tokens": len(run.tokens)}
     peak = cache.peak_entries()  # each layer's peak starts at the whole prompt, which the prefill held
     metrics |= M.memory_metrics(

@@ -171,8 +171,13 @@ def iter_compare(
     temperature: float = 0.0,
     seed: int = 0,
     fidelity: bool = True,
+    attention: bool = True,
 ) -> Iterator[Update]:
     """Generate with every policy from one shared prefill, yielding progress as it goes.
+
+    attention : record the prompt's attention column sums into every result's `attention` frame
+    (the page's attention view and run files); benchmarks and sweeps, which never draw it, turn it
+    off so a policy that needs no attention (full, StreamingLLM) pays nothing for it.
 
     Yields `Update("status", text=...)` lines, `Update("token", label, text, step)` with each
     policy's text so far, and finally `Update("done", results={label: RunResult})`.
@@ -190,8 +195,8 @@ def iter_compare(
     policies = sorted(policies, key=lambda p: p.name != "full")  # the reference decodes first each step
     yield Update("status", text=f"Reading the prompt ({len(ids)} tokens) once for all policies...")
     start = time.perf_counter()
-    # Column sums are always recorded: the attention view shows them whatever the policies need.
-    prefill = PrefillCache(lm.n_layers, **(prefill_needs(policies) | {"record": True}))
+    needs = prefill_needs(policies)
+    prefill = PrefillCache(lm.n_layers, **(needs | {"record": needs["record"] or attention}))
     logits = _prefill(lm, prefill, ids)
     prefill_seconds = time.perf_counter() - start
     runs = []
@@ -203,7 +208,8 @@ def iter_compare(
         run.tokens.append(_pick(logits, temperature, generator))
         run.done = run.tokens[-1] in lm.eos_ids
         runs.append(run)
-    attention = prompt_attention(prefill, lm.n_kv_heads, token_texts(lm, ids))
+    prompt_tokens = token_texts(lm, ids)
+    shared = prompt_attention(prefill, lm.n_kv_heads, prompt_tokens) if attention else None
     del prefill
     ref = runs[0] if runs[0].policy.name == "full" and fidelity else None
     for run in runs:
@@ -232,7 +238,7 @@ def iter_compare(
             _track_agreement(runs, ref, step)
         for run in free:
             yield Update("token", run.label, decode_text(lm, run.tokens), step)
-    results = {r.label: make_result(lm, ids, r, ref is not None, attention) for r in runs}
+    results = {r.label: make_result(lm, prompt_tokens, r, ref is not None, shared) for r in runs}
     yield Update("done", results=results)
 
 

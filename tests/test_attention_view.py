@@ -105,6 +105,28 @@ def test_every_result_of_a_comparison_and_generate_hold_one_shared_frame(tiny, r
     pd.testing.assert_frame_equal(single.attention, frames[0], check_exact=True)
 
 
+def test_attention_off_records_nothing_for_policies_that_need_no_scores(tiny, monkeypatch, results):
+    """Benchmarks and sweeps pass attention=False: full and StreamingLLM then skip the column sums."""
+    recorded = []
+    real = PrefillCache.__init__
+
+    def spy(self, n_layers, record, queries=None):
+        recorded.append(record)
+        real(self, n_layers, record, queries)
+
+    monkeypatch.setattr(PrefillCache, "__init__", spy)
+    policies = [d2o_core.POLICIES[n](budget=0.5) for n in ("full", "streaming")]
+    off = d2o_core.compare(tiny, PROMPT, policies, max_new_tokens=3, attention=False)
+    assert recorded == [False] and all(r.attention.empty for r in off.values())
+    h2o = d2o_core.generate(
+        tiny, PROMPT, d2o_core.POLICIES["h2o"](budget=0.5), max_new_tokens=3, attention=False
+    )
+    assert recorded == [False, True] and h2o.attention.empty  # H2O records for its scores, draws nothing
+    on = d2o_core.compare(tiny, PROMPT, policies, max_new_tokens=3)
+    assert recorded == [False, True, True] and all(not r.attention.empty for r in on.values())
+    assert [r.text for r in off.values()] == [r.text for r in on.values()]
+
+
 def test_frames_keep_their_schema_when_empty(tiny):
     check_schema(attention_frame(np.zeros((0, 0, 0)), [], []), ATTENTION_SCHEMA)
     check_schema(kept_frame(frame({}, EVENTS_SCHEMA), [], 0, 0), KEPT_SCHEMA)

@@ -107,10 +107,12 @@ def measure_length(
     """Medians over `repeats` rounds (after one warm-up) of every policy alone and of one compare."""
     lm = dataclasses.replace(lm, eos_ids=set())  # equal work: every run decodes new_tokens tokens
     jobs = {
-        n: partial(generate, lm, ids, p, max_new_tokens=new_tokens, fidelity=False)
+        n: partial(generate, lm, ids, p, max_new_tokens=new_tokens, fidelity=False, attention=False)
         for n, p in policies.items()
     }
-    jobs["compare"] = partial(compare, lm, ids, list(policies.values()), max_new_tokens=new_tokens)
+    jobs["compare"] = partial(
+        compare, lm, ids, list(policies.values()), max_new_tokens=new_tokens, attention=False
+    )
     names, rows = list(jobs), {name: [] for name in jobs}
     for round_ in range(repeats + 1):  # round 0 warms up and is discarded
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:

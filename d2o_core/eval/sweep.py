@@ -60,7 +60,10 @@ def _check_tasks(tasks: Sequence[str]) -> None:
 def _compare(lm, prompt: str, grid: list, max_new_tokens: int, on_update=None) -> list[tuple]:
     """One shared-prefill compare of the grid -> [(name, budget, RunResult)] in grid order."""
     policies = [p for _, _, p in grid]
-    results = compare(lm, prompt, policies, max_new_tokens=max_new_tokens, chat=True, on_update=on_update)
+    # No attention frame: the sweep reads metrics only.
+    results = compare(
+        lm, prompt, policies, max_new_tokens=max_new_tokens, chat=True, on_update=on_update, attention=False
+    )
     return [(n, b, results[label]) for (n, b, _), label in zip(grid, result_labels(policies))]
 
 
