@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from d2o_core import run_summary
 
-from .compare_run import Sampling, _stream
+from .compare_run import Sampling, stream_compare
 from .engine import Engine
 from .errors import page_errors
 from .policy_controls import Columns
@@ -62,7 +62,7 @@ def api_compare(
         prompt, policies, budget, max_new_tokens = check_args(prompt, policies, budget, max_new_tokens)
         chosen = Columns(policies, 100 * budget).policies(limit=None)  # no page columns to fill
         lm = engine.get()
-        stream = _stream(lm, prompt, chosen, max_new_tokens, Sampling())
+        stream = stream_compare(lm, prompt, chosen, max_new_tokens, Sampling())
         results = next(update.results for update in stream if update.kind == "done")
     return run_summary.jsonable(
         {"results": {label: {"text": res.text, "metrics": res.metrics} for label, res in results.items()}}

@@ -107,7 +107,7 @@ def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Samp
         yield {"status": "Loading the model (the first start converts the bundled model, about 20 s)…"}
     lm = engine.get(model)
     slot: dict[str, int] = {}
-    for update in _stream(lm, prompt, policies, int(max_new_tokens), sampling):
+    for update in stream_compare(lm, prompt, policies, int(max_new_tokens), sampling):
         if update.kind == "status":
             yield {"status": update.text}
         elif update.kind == "token":
@@ -124,7 +124,8 @@ def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Samp
 
 
 @gpu
-def _stream(lm, prompt, policies, max_new_tokens, sampling: Sampling):
+def stream_compare(lm, prompt, policies, max_new_tokens, sampling: Sampling):
+    """`iter_compare` with the page's sampling settings (on a Space, inside its GPU allocation)."""
     yield from iter_compare(
         lm,
         prompt,

@@ -23,7 +23,7 @@ import gradio as gr
 
 from d2o_core.runfile import load_run, save_run
 
-from .compare_run import Sampling, run_comparison
+from .compare_run import Sampling, results_page, run_comparison
 from .engine import Engine
 from .policy_controls import DEFAULT_PICKED, Columns
 
@@ -80,8 +80,6 @@ def example_page(name: str) -> dict | None:
 
     Built once per process and shared by every visitor: nothing downstream mutates results or figures.
     """
-    from .compare_run import results_page  # noqa: PLC0415 - the same function a live run ends with
-
     stored = _stored(name)
     if stored is None:
         return None

@@ -27,6 +27,7 @@ from d2o_core.run_summary import jsonable
 from .engine import Engine, gpu
 from .errors import page_errors
 from .figures import throughput as TF
+from .wiring import PROGRESS, wire
 
 STORED = Path(__file__).resolve().parent.parent / "assets" / "throughput.json"
 REGENERATE = "`python -m d2o_core results --throughput-only` (or `make results`)"
@@ -40,7 +41,6 @@ GENERIC = (
     "with the batch. One sequence alone is not faster."
 )
 STOPPED = "Stopped. The figures still show the results from before the run."
-PROGRESS = gr.Progress()  # Gradio injects the live tracker where a parameter defaults to one
 
 
 def load_stored(path: Path | str = STORED) -> tuple[dict | None, str]:
@@ -240,8 +240,9 @@ def build(engine: Engine, model: gr.components.Component) -> None:
     }
 
     def live(prompt_tokens, new_tokens, budget, chosen, batches, model, progress=PROGRESS):
-        for out in run_live(engine, prompt_tokens, new_tokens, budget, chosen, batches, model, progress):
-            yield {io[k]: v for k, v in out.items()}
+        yield from wire(run_live, io)(
+            engine, prompt_tokens, new_tokens, budget, chosen, batches, model, progress
+        )
 
     event = go.click(
         live,
@@ -251,4 +252,4 @@ def build(engine: Engine, model: gr.components.Component) -> None:
         concurrency_id="model",
     )
     stop.click(lambda: STOPPED, None, status, cancels=[event], queue=False)
-    show.click(lambda: {io[k]: v for k, v in stored_view().items()}, None, list(io.values()), queue=False)
+    show.click(wire(stored_view, io), None, list(io.values()), queue=False)
