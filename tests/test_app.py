@@ -82,6 +82,8 @@ def test_run_streams_each_policy_then_fills_every_output(finished):
     assert set(last["state"]["results"]) == {"full", "h2o", "d2o"}
     visible = [finished[0][f"col:{i}"]["visible"] for i in C.SLOTS]
     assert visible == [True, True, True, False, False, False]
+    # The previous run's figures, summary and state are cleared as the new one starts.
+    assert all(finished[0][key] is None for key in (*C.FIGURE_OUTPUTS, "summary", "state"))
 
 
 def test_a_column_is_a_configuration_so_one_policy_can_run_twice(engine):

@@ -33,6 +33,18 @@ from .run_figures import attention_figure, budget_figure, drift_figure, kept_fig
 log = logging.getLogger(__name__)
 SLOTS = range(MAX_COLUMNS)
 IN_PROGRESS = ("Starting", "Loading", "Reading", "Generating")  # status lines of a run under way
+FIGURE_OUTPUTS = (
+    "budget_fig",
+    "attention_fig",
+    "timeline_fig",
+    "kept_fig",
+    "survival_fig",
+    "cache_fig",
+    "drift_fig",
+)
+# Cleared when a run starts: the previous run's figures and results do not belong beside the new
+# texts, and a browser redrawing large plots while text streams takes CPU from the model (2 cores).
+STALE = dict.fromkeys((*FIGURE_OUTPUTS, "summary", "state"))
 
 
 @dataclass
@@ -102,7 +114,7 @@ def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Samp
         raise ValueError("The prompt is empty: type a prompt or pick an example.")
     policies = (columns() if callable(columns) else columns).policies()
     titles = {f"title:{i}": f"### {p.title}" for i, p in enumerate(policies)}
-    yield blank_columns(len(policies)) | titles | {"status": "Starting…"}
+    yield blank_columns(len(policies)) | titles | STALE | {"status": "Starting…"}
     if not engine.is_loaded(model):
         yield {"status": "Loading the model (the first start converts the bundled model, about 20 s)…"}
     lm = engine.get(model)
