@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ FIGURE_OUTPUTS = (
 # Cleared when a run starts: the previous run's figures and results do not belong beside the new
 # texts, and a browser redrawing large plots while text streams takes CPU from the model (2 cores).
 STALE = dict.fromkeys((*FIGURE_OUTPUTS, "summary", "state"))
+# Streamed texts go out at most this often, all columns in one update: one update per token and
+# column made the browser redraw ~4x per step, and the CPU it took slowed the model it waited for.
+STREAM_EVERY_S = 0.25
 
 
 @dataclass
@@ -119,12 +123,18 @@ def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Samp
         yield {"status": "Loading the model (the first start converts the bundled model, about 20 s)…"}
     lm = engine.get(model)
     slot: dict[str, int] = {}
+    pending: dict = {}  # texts not sent yet: whole steps go out together, at most every STREAM_EVERY_S
+    sent, step = -float("inf"), None
     for update in stream_compare(lm, prompt, policies, int(max_new_tokens), sampling):
         if update.kind == "status":
-            yield {"status": update.text}
+            yield pending | {"status": update.text}
+            pending = {}
         elif update.kind == "token":
-            i = slot.setdefault(update.label, len(slot))
-            yield {f"text:{i}": update.text, "status": f"Generating… step {update.step}"}
+            if update.step != step and pending and time.monotonic() - sent >= STREAM_EVERY_S:
+                yield pending
+                pending, sent = {}, time.monotonic()
+            i, step = slot.setdefault(update.label, len(slot)), update.step
+            pending |= {f"text:{i}": update.text, "status": f"Generating… step {update.step}"}
         else:
             n_prompt = next(iter(update.results.values())).metrics["prompt_tokens"]
             status = (

@@ -163,6 +163,10 @@ def _wire_run(engine: Engine, c: dict, prompt, max_new, outputs: dict) -> None:
         list(outputs.values()),
         api_visibility="private",
         concurrency_id="model",
+        # Only the status line shows that a run is under way: a spinner over each of ~40 outputs is
+        # redrawn by the browser all run long, and on a 2-core laptop that CPU comes from the model.
+        show_progress="minimal",
+        show_progress_on=[outputs["status"]],
     )
     # However the run ended: Stop leaves an in-progress status behind, which becomes "Stopped ...".
     # Gradio runs this once the server has ended the request, after its last streamed update.
