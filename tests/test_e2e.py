@@ -204,7 +204,7 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
             timeout=30_000,
         )
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
-        phase('stored view')
+        phase("stored view")
         # 2. Open a saved run: texts and figures change to it.
         open_run(page, factual)
         status_has(page, f"Opened {factual.name}", 30_000)
@@ -214,13 +214,13 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         )
         assert "Paris" in page.input_value("#text-0 textarea")
         page.wait_for_function(ALL_FIGURES, timeout=30_000)
-        phase('open run')
+        phase("open run")
         # 3. A live comparison: columns stream, then every figure is drawn.
         page.click("#run")
         status_has(page, "Done")
         assert "Paris" in page.input_value("#text-0 textarea")
         page.wait_for_function(ALL_FIGURES, timeout=30_000)
-        phase('live run')
+        phase("live run")
         # 4. Download the run, then reopen it.
         page.get_by_text("Downloads", exact=True).click()  # open the accordion
         page.click("#prepare")
@@ -232,7 +232,7 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         open_run(page, saved)
         status_has(page, "Opened run.json", 30_000)
         assert "Paris" in page.input_value("#text-0 textarea")
-        phase('download+reopen')
+        phase("download+reopen")
         # 5. Stop ends a run mid-stream: the server closes the generation, the page says so once the
         # request has ended, and no token arrives after that.
         page.get_by_text("Summarise a story").first.click()  # 96 new tokens at most
@@ -257,7 +257,7 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         assert page.input_value("#text-0 textarea") == stopped
         assert page.inner_text("#status") == status
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0
-        phase('stop')
+        phase("stop")
         browser.close()
     # The target (<= 3 s on a quiet machine) is reported, not asserted: timings on a shared CPU are noise.
     # 15 s still tells a stored first view (no model work) from a live one (~30 s of generation).
