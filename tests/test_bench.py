@@ -130,9 +130,22 @@ def test_cli_bench_rejects_bad_input(cli_tiny, capsys, bad):
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
 
 
-def test_load_measurement_reports_a_failed_load_instead_of_raising(tmp_path):
+# The loads run in fresh processes; these stand-ins for LOAD_CODE skip importing torch (~10 s here).
+FAILING_LOAD = "import sys; sys.exit(f'OSError: no model at {sys.argv[1]}')"
+TIMED_LOAD = "import json, os; print(json.dumps({'seconds': 0.5, 'cache': os.environ['D2O_CACHE_DIR']}))"
+
+
+def test_load_measurement_reports_a_failed_load_instead_of_raising(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "LOAD_CODE", FAILING_LOAD)
     result = bench.measure_load(str(tmp_path / "no-such-model"))
-    assert "error" in result and "cold_seconds" not in result
+    assert result == {"error": f"OSError: no model at {tmp_path / 'no-such-model'}"}
+
+
+def test_load_measurement_times_a_cold_then_a_cached_load_in_one_fresh_cache(monkeypatch):
+    monkeypatch.setattr(bench, "LOAD_CODE", TIMED_LOAD)
+    result = bench.measure_load()
+    assert result["cold_seconds"] == result["cached_seconds"] == 0.5
+    assert result["cold_cache"] == result["cached_cache"] != str(bench.models.cache_dir())
 
 
 def test_machine_info_names_the_cpu_and_versions(tiny):

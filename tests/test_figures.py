@@ -315,7 +315,7 @@ def test_every_builder_turns_an_empty_frame_into_a_no_data_note(name):
     fig = EMPTY_CASES[name]()
     assert isinstance(fig, go.Figure) and fig.data == ()
     assert annotation_texts(fig) == [figures.NO_DATA]
-    assert fig.layout.title.text
+    assert fig.layout.title.text and fig.layout.template == pio.templates["plotly_white"]
 
 
 def test_to_html_is_a_standalone_document_with_plotly_inlined():

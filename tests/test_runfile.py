@@ -71,11 +71,10 @@ def test_every_figure_drawn_from_a_reopened_run_has_the_same_data(results, saved
     for key in FIGURES:
         assert figure_data(opened[key]) == figure_data(live[key]), key
     pd.testing.assert_frame_equal(opened["summary"], live["summary"])
-    for label in results:
-        for layer, head in ((0, 0), (2, 1), (3, 0)):
-            a = H.policy_views(live["state"], label, layer, head)
-            b = H.policy_views(opened["state"], label, layer, head)
-            assert all(figure_data(a[k]) == figure_data(b[k]) for k in a), (label, layer, head)
+    for label in results:  # results_page drew the middle layer's head 0: another layer and head too
+        a = H.policy_views(live["state"], label, 3, 1)
+        b = H.policy_views(opened["state"], label, 3, 1)
+        assert all(figure_data(a[k]) == figure_data(b[k]) for k in a), label
     a, b = report_figures(results), report_figures(back)
     assert a.keys() == b.keys() and all(figure_data(a[k]) == figure_data(b[k]) for k in a)
 

