@@ -38,6 +38,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 import pytest  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, or they thrash
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
 from helpers import (  # noqa: E402, F401 - re-exported: `from conftest import ...` works as well
     TEXT,
     CharTokenizer,

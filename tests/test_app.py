@@ -326,3 +326,14 @@ def test_sweep_tab_handler_draws_fidelity_against_budget(engine):
     assert isinstance(last["agree_fig"], go.Figure) and last["agree_fig"].data
     with pytest.raises(gr.Error, match="other than the full cache"):
         list(run_sweep(engine, TEXT, ["full"], [20], 6))
+
+
+def test_pickers_redraw_only_when_a_person_moves_them(engine):
+    """A finished run sets the pickers itself, its figures already drawn: a `change` event would
+    redraw four of them a second time (the first view sent them twice before this)."""
+    demo = build_demo(engine)
+    ids = {b.elem_id: i for i, b in demo.blocks.items() if getattr(b, "elem_id", None)}
+    pickers = {ids["view"], ids["layer"], ids["head"]}
+    targets = [target for dep in demo.config["dependencies"] for target in dep["targets"]]
+    events = [event for target, event in targets if target in pickers]
+    assert events and set(events) == {"input"}

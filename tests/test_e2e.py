@@ -72,6 +72,8 @@ def server():
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "app.log", "w")
     env = os.environ | {"PYTHONUNBUFFERED": "1"}  # with conftest's offline settings and network guard
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the other worker has the other core
+        env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port)],
         cwd=ROOT,
@@ -185,7 +187,8 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
             phases[name], last[0] = now - last[0], now
 
         page.goto(server)
-        page.wait_for_selector("#budget-fig svg", timeout=30_000)
+        # The plot's own SVG: a bare "#budget-fig svg" also matches the empty plot's placeholder icon.
+        page.wait_for_selector("#budget-fig .js-plotly-plot .main-svg", timeout=60_000)
         first_paint = time.monotonic() - start
         page.wait_for_function(ALL_FIGURES, timeout=30_000)
         print(f"first paint (navigation -> budget heatmap SVG): {first_paint:.2f} s")
@@ -260,10 +263,12 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         phase("stop")
         browser.close()
     # The target (<= 3 s on a quiet machine) is reported, not asserted: timings on a shared CPU are noise.
-    # 15 s still tells a stored first view (no model work) from a live one (~30 s of generation).
+    # 25 s still tells a stored first view (no model work) from a live one (the passkey run alone takes
+    # ~20 s to generate, then as long to draw). On this 2-core machine most of the ~10 s it takes is
+    # the browser compiling plotly.js (4.6 MB) and drawing seven figures.
     (ARTIFACTS / "first_paint.txt").write_text(f"{first_paint:.2f}\n")
     # Where the test's time goes, phase by phase (it is the longest test of the suite).
     (ARTIFACTS / "browser_phases.txt").write_text("".join(f"{k}: {v:.1f} s\n" for k, v in phases.items()))
-    assert first_paint < 15, (
+    assert first_paint < 25, (
         f"first paint took {first_paint:.2f} s: the page computed instead of showing a stored run"
     )

@@ -177,9 +177,11 @@ def _wire_run(engine: Engine, c: dict, prompt, max_new, outputs: dict) -> None:
 def _wire_views(out: dict, outputs: dict, state) -> None:
     pickers = [state, out["view"], out["layer"], out["head"]]
     views = [out[k] for k in ("cache_fig", "survival_fig", "timeline_fig", "kept_fig")]
-    out["view"].change(wire(C.policy_views, outputs), pickers, views, api_visibility="private")
+    # `input`, not `change`: a finished run sets the pickers itself, with its figures already drawn;
+    # redrawing them on that change sent four figures twice as the page opened.
+    out["view"].input(wire(C.policy_views, outputs), pickers, views, api_visibility="private")
     for picker in (out["layer"], out["head"]):
-        picker.change(
+        picker.input(
             wire(C.timeline_view, outputs),
             pickers,
             [out["timeline_fig"], out["kept_fig"]],

@@ -11,6 +11,10 @@ import plotly.graph_objects as go
 
 from .common import _EVICT, _MERGE, _STEP_AXIS, _check, _clean, _empty, _hover, _layout, _titled
 
+# Up to this many events, SVG markers: a browser draws a few thousand faster than it starts WebGL
+# (software WebGL without a GPU took ~1 s for a 2k-event timeline, SVG ~0.2 s); beyond, WebGL.
+WEBGL_FROM = 5_000
+
 
 def timeline(events: pd.DataFrame, layer: int, head: int, n_prompt: int, policy: str = "") -> go.Figure:
     """When each token left one (layer, kv-head) cache, and which token absorbed each merge.
@@ -45,6 +49,7 @@ def timeline(events: pd.DataFrame, layer: int, head: int, n_prompt: int, policy:
         text=_clean(sel["token"]), target=("<b>" + sel["target_position"].map(names) + "</b> ").fillna("")
     )
     template = "<b>{text}</b><br>position {position}<br>step {step}<br>score {score:.3g}"
+    scatter = go.Scattergl if len(sel) >= WEBGL_FROM else go.Scatter
     fig = go.Figure()
     for kind, name, colour, symbol in (
         ("evict", "evicted", _EVICT, "x"),
@@ -54,9 +59,7 @@ def timeline(events: pd.DataFrame, layer: int, head: int, n_prompt: int, policy:
         extra = "<br>similarity {similarity:.3g}<br>merged into {target}(position {target_position})"
         hover = _hover(template + (extra if kind == "merge" else ""), rows)
         marker = dict(color=colour, symbol=symbol, size=7, opacity=0.8)
-        fig.add_trace(
-            go.Scattergl(x=rows["step"], y=rows["position"], mode="markers", name=name, marker=marker)
-        )
+        fig.add_trace(scatter(x=rows["step"], y=rows["position"], mode="markers", name=name, marker=marker))
         fig.data[-1].update(hovertext=hover, hoverinfo="text")
     merges = sel[sel["kind"] == "merge"]
     # One None-separated trace for all links: a trace per merge would not scale to thousands.
@@ -65,7 +68,7 @@ def timeline(events: pd.DataFrame, layer: int, head: int, n_prompt: int, policy:
     link_x[0::3], link_x[1::3] = merges["step"].to_numpy(), merges["step"].to_numpy() + 0.35
     link_y[0::3], link_y[1::3] = merges["position"].to_numpy(), merges["target_position"].to_numpy()
     line = dict(color=_MERGE, width=1)
-    fig.add_trace(go.Scattergl(x=link_x, y=link_y, mode="lines", name="merged into", line=line, opacity=0.4))
+    fig.add_trace(scatter(x=link_x, y=link_y, mode="lines", name="merged into", line=line, opacity=0.4))
     fig.data[-1].update(hoverinfo="skip")
     if n_prompt > 0:
         label = dict(annotation_text="generated tokens start", annotation_position="top left")
