@@ -21,7 +21,7 @@ from d2o_core.events import EventLog
 
 # Rows of different lengths: per-row budgets, recent windows, used slots and tokens seen all differ.
 PROMPTS = [TEXT[i : i + 40 + 3 * i] for i in range(0, 30, 6)]
-FEED = [ord(c) for c in TEXT[100:120]]
+FEED = [ord(c) for c in TEXT[100:112]]
 MATRIX = [
     ("d2o", {}),
     ("d2o", {"variant": "official"}),

@@ -41,10 +41,18 @@ def make(name, budget, **kw):
 PROMPT = [ord(c) for c in TEXT[:40]]
 
 
+STEPS_1 = 2 * len(PROMPT) // 3 + len(PROMPT)  # longer than the prompt
+
+
+@pytest.fixture(scope="module")
+def full_walk(tiny):
+    """The full cache's logits at every step of invariant 1's walk (the same for every policy)."""
+    return [logits for _, _, logits in walk(tiny, PROMPT, make("full", 1.0), STEPS_1)]
+
+
 @pytest.mark.parametrize("name,kw", MATRIX, ids=IDS)
-def test_1_budget_one_reproduces_the_full_cache_bit_for_bit(tiny, name, kw):
-    steps = 2 * len(PROMPT) // 3 + len(PROMPT)  # longer than the prompt
-    full = [logits for _, _, logits in walk(tiny, PROMPT, make("full", 1.0), steps)]
+def test_1_budget_one_reproduces_the_full_cache_bit_for_bit(tiny, full_walk, name, kw):
+    steps, full = STEPS_1, full_walk
     ours = [logits for _, _, logits in walk(tiny, PROMPT, make(name, 1.0, **kw), steps)]
     assert all(torch.equal(a, b) for a, b in zip(full, ours))
     assert len(ours) == steps + 1

@@ -114,7 +114,7 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
                 elem_id="prompt",
                 placeholder="Type a prompt, or pick an example",
             )
-            max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens")
+            max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens", elem_id="max-new")
             examples = gr.Examples(
                 [[e["prompt"], e["max_new_tokens"]] for e in stored_runs.examples()],
                 [prompt, max_new],
