@@ -23,12 +23,13 @@ run: setup
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
 	GRADIO_ANALYTICS_ENABLED=False DO_NOT_TRACK=1
 
-# Two workers (one torch thread each, tests/conftest.py), a file per worker at a time: module
-# fixtures such as the browser test's app server start once. TEST_WORKERS=0 runs in one process.
+# Two workers (one torch thread each, tests/conftest.py) share out tests one by one, except that a
+# module marked xdist_group (the browser test's app server, the bundled model's story run) stays on
+# one worker, so its fixture is built once. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: setup
-	env $(OFFLINE) $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	env $(OFFLINE) $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -43,7 +43,8 @@ CHROMIUM_FLAGS = [
     "CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions",
 ]
 
-pytestmark = pytest.mark.integration
+# One worker runs this whole module under `make test` (pytest-xdist): the app server starts once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("app_server")]
 STOPPED_LOG = "Generation stopped before the end"  # ui/compare_run.py logs it when Stop closes a run
 
 

@@ -15,7 +15,7 @@ import d2o_core
 from d2o_core import POLICIES
 from d2o_core import __main__ as cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("bundled_story")]  # one worker: one at_fifth
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,7 +69,7 @@ def test_every_policy_at_full_budget_reproduces_the_full_cache(bundled, story):
 @pytest.mark.parametrize(
     "prompt,max_new,stops_at",
     [
-        ("Explain in two sentences why the sky is blue.", 20, "the token limit"),
+        ("Explain in two sentences why the sky is blue.", 12, "the token limit"),
         ("What is the capital of France? Answer in one word.", 40, "an end token"),
     ],
 )

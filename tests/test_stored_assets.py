@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from helpers import PAGE_FIGURES
+from pydantic_core import from_json  # 3x json.loads on these ~100 MB
 
 from ui import stored_runs as S
 from ui.policy_controls import DEFAULT_PICKED
@@ -14,7 +13,7 @@ def test_every_example_in_assets_has_a_stored_run_of_the_default_columns():
     names = [e["name"] for e in S.examples()]
     assert S.FIRST in names
     for example in S.examples():  # the raw files (reading them through load_run is tested above)
-        doc = json.loads(S.gzip.decompress((S.RUNS / f"{S.slug(example['name'])}.json.gz").read_bytes()))
+        doc = from_json(S.gzip.decompress((S.RUNS / f"{S.slug(example['name'])}.json.gz").read_bytes()))
         meta, results = doc["meta"], doc["results"].values()
         assert meta["prompt"] == example["prompt"] and meta["max_new_tokens"] == example["max_new_tokens"]
         assert [r["settings"]["policy"] for r in results] == list(DEFAULT_PICKED)
