@@ -179,13 +179,13 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         # 1. The first view is the stored passkey run, every figure drawn, without running anything.
-        start = time.monotonic()
+        start = last = time.monotonic()
         phases: dict[str, float] = {}
-        last = [start]
 
         def phase(name):
+            nonlocal last
             now = time.monotonic()
-            phases[name], last[0] = now - last[0], now
+            phases[name], last = now - last, now
 
         page.goto(server)
         # The plot's own SVG: a bare "#budget-fig svg" also matches the empty plot's placeholder icon.

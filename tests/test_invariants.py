@@ -52,10 +52,9 @@ def full_walk(tiny):
 
 @pytest.mark.parametrize("name,kw", MATRIX, ids=IDS)
 def test_1_budget_one_reproduces_the_full_cache_bit_for_bit(tiny, full_walk, name, kw):
-    steps, full = STEPS_1, full_walk
-    ours = [logits for _, _, logits in walk(tiny, PROMPT, make(name, 1.0, **kw), steps)]
-    assert all(torch.equal(a, b) for a, b in zip(full, ours))
-    assert len(ours) == steps + 1
+    ours = [logits for _, _, logits in walk(tiny, PROMPT, make(name, 1.0, **kw), STEPS_1)]
+    assert all(torch.equal(a, b) for a, b in zip(full_walk, ours))
+    assert len(ours) == STEPS_1 + 1
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
