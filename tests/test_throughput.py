@@ -243,7 +243,11 @@ def test_the_tab_shows_stored_results_without_a_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def engine(lm):
-    return Engine(["tiny"], loader=lambda name: lm)
+    """An engine with its model already loaded: which test runs first (and loads it) varies with
+    the order pytest-xdist hands tests out in, and a first run says "Loading the model…"."""
+    engine = Engine(["tiny"], loader=lambda name: lm)
+    engine.get()
+    return engine
 
 
 def test_build_demo_still_builds_with_the_throughput_tab(engine):
