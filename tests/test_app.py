@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -19,7 +21,7 @@ from ui import compare_run as C
 from ui import policy_controls as P
 from ui import stored_runs
 from ui.engine import Engine, allowed_models
-from ui.layout import analytics_enabled, build_demo
+from ui.layout import analytics_enabled, build_demo, launch_options
 from ui.sweep_tab import run_sweep
 
 
@@ -337,3 +339,30 @@ def test_pickers_redraw_only_when_a_person_moves_them(engine):
     targets = [target for dep in demo.config["dependencies"] for target in dep["targets"]]
     events = [event for target, event in targets if target in pickers]
     assert events and set(events) == {"input"}
+
+
+def test_the_page_arrives_with_the_first_view_and_only_its_state_waits_for_load(engine):
+    """The first view is in the page's own config (no round trip before the figures can draw); the
+    load event fills the State alone, which the browser never receives."""
+    demo = build_demo(engine)
+    props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if "props" in c}
+    page = stored_runs.first_view()
+    assert props["text-0"]["value"] == page["text:0"] and props["text-0"]["value"]
+    assert props["col-3"]["visible"] is True and props["col-4"]["visible"] is False
+    assert props["run"]["value"] == "Run again" and props["layer"]["maximum"] == page["layer"]["maximum"]
+    assert [v for _, v in props["view"]["choices"]] == page["view"]["choices"]
+    for elem_id in ("budget-fig", "attention-fig", "timeline-fig", "kept-fig"):
+        assert json.loads(props[elem_id]["value"]["plot"])["data"], elem_id
+    loads = [d for d in demo.config["dependencies"] if any(event == "load" for _, event in d["targets"])]
+    (load,) = loads
+    (state,) = [b for b in demo.blocks.values() if isinstance(b, gr.State)]
+    assert load["outputs"] == [state._id]
+    assert demo.fns[load["id"]].fn() is page["state"]  # the shared stored run, not a copy per visitor
+
+
+def test_the_page_preloads_the_plotly_chunk_that_gradios_plot_imports():
+    head = launch_options()["head"]
+    (name,) = re.findall(r'href="./assets/([^"]+)"', head)
+    assets = Path(gr.__file__).parent / "templates" / "frontend" / "assets"
+    importers = [p.name for p in assets.glob("Plot-*.js") if name in p.read_text(encoding="utf-8")]
+    assert importers, f"no Plot chunk of this Gradio imports {name}"

