@@ -65,3 +65,20 @@ def test_regenerating_a_stored_run_gives_the_same_texts_and_frames(tiny_runs, tm
         for label in a["results"]:
             for key in ("text", "token_ids", "events", "steps", "layer_budgets", "settings"):
                 assert a["results"][label][key] == b["results"][label][key], (label, key)
+
+
+def test_without_stored_runs_the_page_builds_and_invites_a_run(tmp_path, monkeypatch):
+    from ui.layout import build_demo
+
+    monkeypatch.setattr(S, "RUNS", tmp_path)  # e.g. a checkout before `make results`
+    S._stored.cache_clear()
+    S.example_page.cache_clear()
+    try:
+        demo = build_demo(Engine(["tiny"], loader=lambda name: tiny_model()))
+    finally:
+        S._stored.cache_clear()
+        S.example_page.cache_clear()
+    props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if "props" in c}
+    assert props["status"]["value"].startswith("Pick an example or type a prompt")
+    assert props["run"]["value"] == "Run" and props["col-0"]["visible"] is False
+    assert props["budget-fig"].get("value") is None
