@@ -121,3 +121,8 @@ def figure_data(fig) -> dict:
     import json  # noqa: PLC0415
 
     return json.loads(fig.to_json())
+
+
+def page_props(demo) -> dict:
+    """{elem_id: props} of a built page's components, as its config sends them to the browser."""
+    return {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if "props" in c}

@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from helpers import TEXT, tiny_model
+from helpers import TEXT, page_props, tiny_model
 
 from ui import api as A
 from ui import compare_run as C
@@ -345,7 +345,7 @@ def test_the_page_arrives_with_the_first_view_and_only_its_state_waits_for_load(
     """The first view is in the page's own config (no round trip before the figures can draw); the
     load event fills the State alone, which the browser never receives."""
     demo = build_demo(engine)
-    props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if "props" in c}
+    props = page_props(demo)
     page = stored_runs.first_view()
     assert props["text-0"]["value"] == page["text:0"] and props["text-0"]["value"]
     assert props["col-3"]["visible"] is True and props["col-4"]["visible"] is False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import PAGE_FIGURES, figure_data, tiny_model
+from helpers import PAGE_FIGURES, figure_data, page_props, tiny_model
 
 from ui import compare_run as C
 from ui import stored_runs as S
@@ -78,7 +78,7 @@ def test_without_stored_runs_the_page_builds_and_invites_a_run(tmp_path, monkeyp
     finally:
         S._stored.cache_clear()
         S.example_page.cache_clear()
-    props = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if "props" in c}
+    props = page_props(demo)
     assert props["status"]["value"].startswith("Pick an example or type a prompt")
     assert props["run"]["value"] == "Run" and props["col-0"]["visible"] is False
     assert props["budget-fig"].get("value") is None

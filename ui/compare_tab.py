@@ -59,7 +59,7 @@ def _controls(engine: Engine, first: dict) -> dict:
             c["seed"] = gr.Number(0, precision=0, label="Seed", info=SAMPLING_HELP["seed"])
             c["chat"] = gr.Checkbox(True, label="Chat template", info=SAMPLING_HELP["chat"])
     with gr.Row():
-        c["run"] = gr.Button(**{"value": "Run"} | initial(first.get("run")), variant="primary", elem_id="run")
+        c["run"] = gr.Button(**initial(first, "run", value="Run"), variant="primary", elem_id="run")
         c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
     return c
 
@@ -69,14 +69,14 @@ def _columns(first: dict) -> dict:
     with gr.Row(equal_height=True):
         for i in C.SLOTS:
             with gr.Column(
-                **{"visible": False} | initial(first.get(f"col:{i}")),
+                **initial(first, f"col:{i}", visible=False),
                 min_width=220,
                 elem_classes=["policy-col"],
                 elem_id=f"col-{i}",
             ) as col:
-                out[f"title:{i}"] = gr.Markdown(**initial(first.get(f"title:{i}")), elem_id=f"title-{i}")
+                out[f"title:{i}"] = gr.Markdown(**initial(first, f"title:{i}"), elem_id=f"title-{i}")
                 out[f"text:{i}"] = gr.Textbox(
-                    **initial(first.get(f"text:{i}")),
+                    **initial(first, f"text:{i}"),
                     lines=6,
                     max_lines=16,
                     show_label=False,
@@ -84,37 +84,38 @@ def _columns(first: dict) -> dict:
                     elem_id=f"text-{i}",
                 )
                 out[f"stats:{i}"] = gr.Markdown(
-                    **initial(first.get(f"stats:{i}")), elem_id=f"stats-{i}", elem_classes=["stats"]
+                    **initial(first, f"stats:{i}"), elem_id=f"stats-{i}", elem_classes=["stats"]
                 )
             out[f"col:{i}"] = col
     return out
 
 
 def _figures(first: dict) -> dict:
-    def picker(name: str) -> dict:
-        return {"minimum": 0, "maximum": 1, "value": 0} | initial(first.get(name))
-
     out = {
         "summary": gr.Dataframe(
-            **initial(first.get("summary")), label="Summary", interactive=False, elem_id="summary"
+            **initial(first, "summary"), label="Summary", interactive=False, elem_id="summary"
         )
     }
     out["budget_fig"] = gr.Plot(
-        **initial(first.get("budget_fig")), label="Per-layer budgets", elem_id="budget-fig"
+        **initial(first, "budget_fig"), label="Per-layer budgets", elem_id="budget-fig"
     )
     out["attention_fig"] = gr.Plot(
-        **initial(first.get("attention_fig")),
+        **initial(first, "attention_fig"),
         label="The prompt's attention, layer by layer",
         elem_id="attention-fig",
     )
     with gr.Row():
         out["view"] = gr.Dropdown(
-            **{"choices": []} | initial(first.get("view")), label="Column shown below", elem_id="view"
+            **initial(first, "view", choices=[]), label="Column shown below", elem_id="view"
         )
-        out["layer"] = gr.Slider(**picker("layer"), step=1, label="Layer", elem_id="layer")
-        out["head"] = gr.Slider(**picker("head"), step=1, label="KV head", elem_id="head")
+        out["layer"] = gr.Slider(
+            **initial(first, "layer", minimum=0, maximum=1, value=0), step=1, label="Layer", elem_id="layer"
+        )
+        out["head"] = gr.Slider(
+            **initial(first, "head", minimum=0, maximum=1, value=0), step=1, label="KV head", elem_id="head"
+        )
     for name, (label, elem_id) in FIGURES.items():
-        out[name] = gr.Plot(**initial(first.get(name)), label=label, elem_id=elem_id)
+        out[name] = gr.Plot(**initial(first, name), label=label, elem_id=elem_id)
     with gr.Row():
         with gr.Accordion("Downloads", open=False):
             prepare = gr.Button(
@@ -139,7 +140,7 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
     with gr.Row():
         with gr.Column(scale=3):
             prompt = gr.Textbox(
-                **initial(first.get("prompt")),
+                **initial(first, "prompt"),
                 label="Prompt",
                 lines=6,
                 max_lines=10,
@@ -156,7 +157,7 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
             )
         with gr.Column(scale=2):
             c = _controls(engine, first)
-    status = gr.Markdown(**initial(first.get("status")), elem_id="status")
+    status = gr.Markdown(**initial(first, "status"), elem_id="status")
     state = gr.State()
     out = _columns(first) | _figures(first)
     outputs = {k: v for k, v in out.items() if k not in ("open", "prepare")}

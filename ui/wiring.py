@@ -1,7 +1,7 @@
 """How a handler's {output name: value} dicts reach Gradio components.
 
 What this module is: `wire(handler, outputs)`, the one adapter every tab uses, the shared
-`gr.Progress` default, and `initial`, which turns a handler's value into a component's build
+`gr.Progress` default, and `initial`, which turns a handler's output into a component's build
 arguments. What it is not: any behaviour; handlers live beside their tabs.
 """
 
@@ -26,14 +26,15 @@ def wire(handler, outputs: dict):
     return lambda *args: {outputs[k]: v for k, v in handler(*args).items()}
 
 
-def initial(value) -> dict:
-    """Constructor arguments that make a component start as a handler's output `value` would leave it.
+def initial(page: dict, name: str, **defaults) -> dict:
+    """Constructor arguments that make component `name` start as the handler's output `page` leaves it.
 
-    An update (`gr.update(visible=..., choices=...)`) gives its fields; a plain value gives `value`;
-    None (the handler does not fill that output) gives nothing.
+    `defaults` are its arguments where `page` says nothing; an update (`gr.update(visible=...)`) in
+    `page` overrides the fields it names, a plain value overrides `value`.
     """
+    value = page.get(name)
     if value is None:
-        return {}
+        return defaults
     if isinstance(value, dict) and value.get("__type__") == "update":
-        return {k: v for k, v in value.items() if k != "__type__"}
-    return {"value": value}
+        return defaults | {k: v for k, v in value.items() if k != "__type__"}
+    return defaults | {"value": value}
