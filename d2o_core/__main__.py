@@ -56,6 +56,11 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def _generation_args(parser: argparse.ArgumentParser, default_policies: str) -> None:
     parser.add_argument("--prompt", default=None)
     parser.add_argument("--prompt-file", default=None)
+    parser.add_argument(
+        "--question",
+        default=None,
+        help="kept whole: the prompt is then the context, which is compressed; the question is read after",
+    )
     parser.add_argument("--policies", default=default_policies, help=f"comma list of {', '.join(POLICIES)}")
     parser.add_argument(
         "--budget", type=float, default=0.2, help="fraction of the prompt kept per layer, (0, 1]"
@@ -91,11 +96,12 @@ def cmd_compare(args, stream: bool = False) -> int:
         chat=not args.no_chat,
         temperature=args.temperature,
         seed=args.seed,
+        question=args.question,
     ):
         if update.kind == "status":
             print(update.text, file=sys.stderr)
         elif update.kind == "token" and stream and update.label == policies[0].label:
-            print(update.text[shown:], end="", flush=True)
+            print(run_summary.printable(update.text[shown:]), end="", flush=True)
             shown = len(update.text)
         elif update.kind == "done":
             results = update.results
@@ -104,19 +110,26 @@ def cmd_compare(args, stream: bool = False) -> int:
     _print_results(results, texts=not stream)
     if args.json:
         meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": args.max_new_tokens}
+        if args.question:
+            meta["question"] = args.question
         Path(args.json).write_text(run_summary.comparison_json(results, meta))
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 
 
+def _say(text: str) -> None:
+    """Print a line that may quote a run file or a model: control characters as visible escapes."""
+    print(run_summary.printable(text))
+
+
 def _print_results(results: dict, texts: bool = True) -> None:
     if texts:
         for label, res in results.items():
-            print(f"\n=== {label} ===\n{res.text}")
-    print("\n" + run_summary.summary(results).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+            _say(f"\n=== {label} ===\n{res.text}")
+    _say("\n" + run_summary.summary(results).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     for label, res in results.items():
         if res.layer_budgets["density"].notna().any():
-            print(f"\n{label} per-layer budgets (tokens): {run_summary.budgets_line(res)}")
+            _say(f"\n{label} per-layer budgets (tokens): {run_summary.budgets_line(res)}")
 
 
 def cmd_show(args) -> int:
@@ -128,7 +141,7 @@ def cmd_show(args) -> int:
 
     results, meta = load_run(Path(args.path))
     facts = ", ".join(f"{k} {meta[k]}" for k in ("model", "max_new_tokens", "created") if meta.get(k))
-    print(f"{args.path}: {len(results)} policies" + (f" ({facts})" if facts else ""))
+    _say(f"{args.path}: {len(results)} policies" + (f" ({facts})" if facts else ""))
     _print_results(results)
     if args.html:
         try:
@@ -173,13 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model to run (default: the page's default)")
     p.add_argument("--out", default="assets/runs", help="folder for the stored runs")
     p.set_defaults(func=cmd_example_runs)
-    from .eval import batch_step, bench, readme_tables, sweep, throughput  # noqa: PLC0415 - light `compare` start-up
+    from .eval import (  # noqa: PLC0415 - light `compare` start-up
+        batch_step,
+        bench,
+        interop_bench,
+        readme_tables,
+        sweep,
+        throughput,
+    )
 
     sweep.add_parser(sub, _model_args)
     bench.add_parser(sub, _model_args)
     throughput.add_parser(sub, _model_args)
     readme_tables.add_parser(sub, _model_args)
     batch_step.add_parser(sub, _model_args)
+    interop_bench.add_parser(sub, _model_args)
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":
@@ -190,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_show(args)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {run_summary.printable(exc)}", file=sys.stderr)
         return 2
 
 

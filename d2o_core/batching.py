@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import evict, ops
-from .cache import PolicyCache, add_row
+from .cache import PolicyCache
 from .capture import Padded, Ragged
 
 
@@ -75,8 +75,8 @@ def layout_key(cache: PolicyCache) -> tuple:
     """Rows can be stacked when these agree: which layers are capped, and which stores exist."""
     return (
         tuple(layer.plan.budget is None for layer in cache.layers),
-        cache.source,
-        None if cache.merge is None else cache.merge.kind,
+        cache.scoring,
+        cache.merge,
         cache.scores is not None,
         cache.norms is not None,
         cache.kv.dtype,
@@ -99,7 +99,7 @@ class _StackedLayer(_RowsLayer):
         batch.kv[1][index] = value_states[:, :, 0]
         batch.positions[index] = torch.tensor(positions, device=slots.device)[:, None]
         if batch.scores is not None:
-            batch.scores[index] = self.caches[0].new_score(
+            batch.scores[index] = self.caches[0].scoring.fresh(
                 torch.tensor(positions, device=slots.device)[:, None]
             )
         if batch.norms is not None:
@@ -109,7 +109,7 @@ class _StackedLayer(_RowsLayer):
         window = slice(start, start + width)
         mask = batch.slot_index[:width][None, :] < used[:, None]  # [B, S]: False at padding
         mask = mask[:, None, None, :]
-        wants = self.caches[0].row_mode is not None and layers[0].plan.budget is not None
+        wants = self.caches[0].scoring.step_attention and layers[0].plan.budget is not None
         keys = Padded(batch.kv[0, :, :, window], mask, wants_probs=wants)
         return keys, Padded(batch.kv[1, :, :, window], mask)
 
@@ -179,17 +179,16 @@ class StackedBatch(Cache):
 
     def observe(self, layer_idx: int, query, key: Padded, scaling: float) -> None:
         """Scores for every row at once (capped layers, as the rows' score source says), then eviction."""
-        first = self.caches[0].layers[layer_idx]
-        mode = self.caches[0].row_mode
-        if mode is not None and first.plan.budget is not None:
+        first, scoring = self.caches[0].layers[layer_idx], self.caches[0].scoring
+        if scoring.step_attention and first.plan.budget is not None:
             width = key.tensor.shape[2]
             if key.probs is not None:  # the attention computed them for its output
                 rows = key.probs.sum(dim=2)  # [B, Hkv, S]
             else:
                 rows = ops.attention_rows(query, key.tensor, key.mask[:, 0, 0], scaling)
-            # "replace" gives padding slots 0; they are rewritten when claimed.
+            # Padding slots may get scores (0 from their 0 probabilities); they are rewritten when claimed.
             window = self.scores[:, :, first.offset : first.offset + width]
-            add_row(window, rows, mode, query.shape[1] // key.tensor.shape[1])
+            scoring.update(window, rows, query.shape[1] // key.tensor.shape[1])
         if layer_idx == len(self.layers) - 1 and self.batched_eviction:
             evict.evict_rows(self.eviction)
         elif layer_idx == len(self.layers) - 1:

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import evict, ops
 from .events import EventLog
-from .policies import CamRule, LayerPlan, MergeRule, Policy
+from .policies import LayerPlan, Merging, Policy, Scoring
 
 # How many last prompt queries a prefill keeps when only told to `record` (bounds SnapKV's window).
 MAX_WINDOW = 512
@@ -55,56 +55,28 @@ class PrefillCache(Cache):
         self.record = record
         self.queries = (MAX_WINDOW if record else 0) if queries is None else queries
 
-    def observe(self, layer_idx: int, query, key, scaling: float) -> None:
+    @property
+    def wants_column_sums(self) -> bool:
+        """Ask the attention function for the column sums of its own pass (capture.attention_forward)."""
+        return self.record
+
+    def observe(self, layer_idx: int, query, key, scaling: float, col_sums=None) -> None:
         layer = self.layers[layer_idx]
         if self.record:
-            layer.col_sums = ops.prefill_column_sums(query, key, scaling)
+            layer.col_sums = (
+                col_sums if col_sums is not None else ops.prefill_column_sums(query, key, scaling)
+            )
         if self.queries:
             layer.queries, layer.scaling = query[0, :, -self.queries :].clone(), scaling
 
 
 def prefill_needs(policies) -> dict:
     """`PrefillCache` arguments that serve every policy in `policies` from one prompt pass."""
+    scorings = [p.scoring() for p in policies]
     return {
-        "record": any(p.score_source == "accumulated" or p.needs_density for p in policies),
-        "queries": max(
-            [p.prompt_window()[0] for p in policies if p.score_source in ("latest", "window")] or [0]
-        ),
+        "record": any(s.prompt_attention for s in scorings) or any(p.needs_density for p in policies),
+        "queries": max([s.prompt_queries for s in scorings] or [0]),
     }
-
-
-def add_row(scores: torch.Tensor, row: torch.Tensor, mode: str, n_rep: int) -> None:
-    """Update a view of stored scores in place with one decode step's attention `row` (same shape).
-
-    mode : "add" (accumulated scores) or "replace" (the latest query only, as the mean over the
-    `n_rep` query heads of each kv-head, since `row` sums them).
-    """
-    if mode == "add":
-        scores += row
-    else:
-        scores.copy_(row / n_rep)
-
-
-def prompt_scores(policy: Policy, layer: PrefillLayer, n_kv: int) -> torch.Tensor | None:
-    """[Hkv, L] float32 scores of one layer's prompt entries from the policy's score source, or None."""
-    source = policy.score_source
-    if source == "accumulated":
-        return ops.group_heads(layer.col_sums, n_kv)
-    if source in ("latest", "window"):
-        window, kernel = policy.prompt_window()
-        length = layer.keys.shape[2]
-        window = min(window, length)
-        if layer.queries is None or layer.queries.shape[1] < window:
-            raise ValueError(
-                f"{policy.label} scores the prompt from its last {window} queries, but the prefill kept "
-                f"{0 if layer.queries is None else layer.queries.shape[1]}; build the prefill with "
-                "cache.prefill_needs(policies)."
-            )
-        scores = ops.window_scores(layer.queries[:, -window:], layer.keys[0], layer.scaling, kernel)
-        if source == "window":  # the window and everything after it rank by recency, above any score
-            scores[:, length - window :] = torch.arange(length - window, length, device=scores.device) + 1.0
-        return scores
-    return None
 
 
 class PolicyLayer(CacheLayerMixin):
@@ -175,21 +147,32 @@ class PolicyLayer(CacheLayerMixin):
         return slot
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store one new token (into the slot the last eviction freed) and return the entries to attend."""
-        if key_states.shape[-2] != 1:
+        """Store the new token(s) and return the entries to attend.
+
+        One token per forward pass goes into the slot the last eviction freed, if any. Several at once
+        are taken only while the cache is holding (a question fed right after the compression), and go
+        after every stored entry, so the attention's mask can count them from the end.
+        """
+        cache, n_new = self.cache, key_states.shape[-2]
+        if n_new != 1 and not (cache.holding and self.hole_slots is None):
             raise ValueError("a compressed cache takes one new token per forward pass")
+        for i in range(n_new):
+            self.store(key_states[0, :, i], value_states[0, :, i])
+        end = self.offset + self.used
+        return cache.kv[0:1, :, self.offset : end], cache.kv[1:2, :, self.offset : end]
+
+    def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write one token's [Hkv, D] key and value at its claimed slot, with its position and score."""
         cache, position = self.cache, self.seen
         slot = self.claim_slot()
         index = (slice(None), slot) if isinstance(slot, int) else (cache.heads, slot)
-        cache.kv[0][index] = key_states[0, :, 0]
-        cache.kv[1][index] = value_states[0, :, 0]
+        cache.kv[0][index] = key
+        cache.kv[1][index] = value
         cache.positions[index] = position
         if cache.scores is not None:
-            cache.scores[index] = cache.new_score(position)
+            cache.scores[index] = cache.scoring.fresh(position)
         if cache.norms is not None:
-            cache.norms[index] = ops.norms(key_states[0, :, 0])
-        end = self.offset + self.used
-        return cache.kv[0:1, :, self.offset : end], cache.kv[1:2, :, self.offset : end]
+            cache.norms[index] = ops.norms(key)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -212,6 +195,12 @@ class PolicyLayer(CacheLayerMixin):
             cache.norms[:, window] = ops.norms(keys)
         self.used, self.seen, self.peak = n, seen, seen
 
+    def reload(self, keys, values, positions, scores) -> None:
+        """Replace the layer's entries by a compressed set (a later compression; seen and peak stay)."""
+        seen, peak = self.seen, self.peak
+        self.load(keys, values, positions, scores, seen)
+        self.hole_slots, self.peak = None, peak
+
 
 class PolicyCache(Cache):
     """A policy's per-request cache: one slot pool shared by its `PolicyLayer`s, plus its event log.
@@ -222,16 +211,17 @@ class PolicyCache(Cache):
     """
 
     stacked = False  # True while the storage is a view into a `batching.StackedBatch`
+    every = 1  # compress after every step (1), every N steps (N), or only at the prompt (0)
+    holding = False  # True while entries are fed that no compression may evict (a question)
 
     def __init__(
         self,
         plans: list[LayerPlan],
-        merge: MergeRule | CamRule | None,
-        source: str,
+        merge: Merging | None,
+        scoring: Scoring,
         like: torch.Tensor,
         capacities: list[int],
         log: EventLog,
-        key_scores=None,
     ):
         _, n_kv, _, dim = like.shape
         device = like.device
@@ -244,16 +234,11 @@ class PolicyCache(Cache):
             layers=[PolicyLayer(self, i, offsets[i], capacities[i], p) for i, p in enumerate(plans)]
         )
         self.merge, self.log, self.step = merge, log, 0
-        self.source = source
-        # Decode-time score update: "add" the new attention row, "replace" by it (group mean), or none.
-        self.row_mode = {"accumulated": "add", "latest": "replace"}.get(source)
-        self.fresh_by_position = source == "window"  # see `new_score`
-        self.key_scores = key_scores
+        self.scoring = scoring  # how entries are scored: at the prompt, at each step, at eviction
         self.heads = torch.arange(n_kv, device=device)
         self.kv = like.new_empty(2, n_kv, total, dim)
         self.positions = torch.zeros(n_kv, total, dtype=torch.long, device=device)
-        with_scores = source in ("accumulated", "latest", "window")
-        self.scores = torch.zeros(n_kv, total, dtype=torch.float32, device=device) if with_scores else None
+        self.scores = torch.zeros(n_kv, total, dtype=torch.float32, device=device) if scoring.stored else None
         # Key norms, kept current so D2O's cosine similarities cost one multiply-sum per step.
         with_norms = merge is not None and merge.needs_norms
         self.norms = torch.ones(n_kv, total, dtype=torch.float32, device=device) if with_norms else None
@@ -277,49 +262,52 @@ class PolicyCache(Cache):
         self.slot_index = torch.arange(self.kv.shape[2], device=device)
 
     @classmethod
-    def from_prefill(cls, prefill: PrefillCache, policy: Policy, extra: int, log: EventLog) -> PolicyCache:
+    def from_prefill(
+        cls, prefill: PrefillCache, policy: Policy, extra: int, log: EventLog, hold: int = 0
+    ) -> PolicyCache:
         """Compress the shared prompt cache for `policy` (step 0).
 
-        `extra`: room for the tokens still to come in layers that never evict.
+        extra : room for the tokens still to come in layers that never evict (and in every layer when
+            the policy compresses only once).
+        hold : entries fed after the compression that it must not evict (a question kept whole).
         """
         layers = prefill.layers
         like = layers[0].keys
         n_prompt = like.shape[2]
         col_sums = [layer.col_sums for layer in layers] if policy.needs_density else None
         plans = policy.plans(n_prompt, len(layers), col_sums)
-        # A capped layer never holds more than its budget plus the token being added.
-        capacities = [n_prompt + extra if p.budget is None else p.budget + 1 for p in plans]
-        source = policy.score_source
-        key_scores = policy.key_scores if source == "key" else None
-        cache = cls(plans, policy.merge_rule(), source, like, capacities, log, key_scores)
+        # A capped layer holds at most its budget, what is held past it, and the tokens it may grow by
+        # before it compresses again (1: the token being added).
+        room = hold + max(1, policy.decode_room(extra))
+        capacities = [n_prompt + hold + extra if p.budget is None else p.budget + room for p in plans]
+        scoring = policy.scoring()
+        cache = cls(plans, policy.merge_rule(), scoring, like, capacities, log)
+        cache.every = policy.compress_every
         column = {layer.index: j for j, layer in enumerate(cache.capped)}
         n_kv = like.shape[1]
         for src, layer in zip(layers, cache.layers):
             capped = layer.plan.budget is not None
-            scores = prompt_scores(policy, src, n_kv) if capped else None
-            ranking = key_scores(src.keys[0]) if key_scores is not None and capped else None
+            scores = scoring.prompt(src, n_kv) if capped else None
+            ranks = capped and scoring.ranks_entries
+            ranking = scoring.rank(src.keys[0], src.values[0], scores) if ranks else None
             tau = evict.compress_layer(layer, src.keys, src.values, scores, ranking, cache.merge, log)
             if tau is not None:
                 cache.tau[column[layer.index]] = tau
         return cache
 
     def observe(self, layer_idx: int, query, key, scaling: float) -> None:
-        """At each layer's attention: update the scores as the policy's source says; after the last, evict."""
+        """At each layer's attention: update the scores as the policy's scoring says; then maybe evict."""
         layer = self.layers[layer_idx]
-        if self.row_mode is not None and layer.plan.budget is not None:
+        if self.scoring.step_attention and layer.plan.budget is not None:
             window = self.scores[:, layer.offset : layer.offset + layer.used]
-            add_row(
-                window, ops.attention_row(query, key, scaling), self.row_mode, query.shape[1] // key.shape[1]
-            )
+            n_rep = query.shape[1] // key.shape[1]
+            if query.shape[2] == 1:
+                self.scoring.update(window, ops.attention_row(query, key, scaling), n_rep)
+            else:  # tokens held after the compression: each query in turn, as if fed one by one
+                for row in ops.appended_rows(query, key, scaling):
+                    self.scoring.update(window, row, n_rep)
         if layer_idx == len(self.layers) - 1:
             evict.evict_step(self)
-
-    def new_score(self, position):
-        """The score a new entry starts with: 1 + its position for "window" scores (recency), else 0.
-
-        position : an int or a tensor of positions (one per row of a stacked batch).
-        """
-        return position + 1.0 if self.fresh_by_position else 0.0
 
     STORES = ("kv", "positions", "scores", "norms")
 

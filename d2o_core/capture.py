@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import ops
 
@@ -65,12 +66,32 @@ def attend_with_probs(query, key: Padded, value: Padded, scaling: float) -> torc
     return out.reshape(n_rows, 1, n_q, dim)
 
 
+def appended(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The mask of `q` new tokens that are the last `q` of a cache's `S` entries: each sees every older
+    entry and the new ones up to itself ([1, 1, q, S] bool); None when SDPA needs none (one token, or a
+    prompt into an empty cache, which SDPA's own causal mask covers).
+
+    The explorer's caches store entries by slot, not by position (evicted ones are gone), so
+    transformers' position-based masks do not apply to them; this one counts from the end.
+    """
+    n_new, n_entries = query.shape[2], key.shape[2]
+    if n_new == 1 or n_new == n_entries:
+        return None
+    return ops.appended_mask(n_new, n_entries, query.device)[None, None]
+
+
+def prompt_pass(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """A whole prompt into an empty cache (one row): every query, every key, causal."""
+    return query.shape[0] == 1 and query.shape[2] == key.shape[2] > 1
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """SDPA output, then `observer.observe(layer_idx, query, key, scaling)` when one is active.
 
     query : [B, Hq, q, D]; key, value : [B, Hkv, S, D] (GQA not expanded), or `Padded` / `Ragged` rows.
     """
     scaling = module.scaling if scaling is None else scaling
+    observer = _observer.get()
     if isinstance(key, Padded) and key.wants_probs:
         out = attend_with_probs(query, key, value, scaling)
     elif isinstance(key, Padded):
@@ -80,27 +101,48 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, *
     elif isinstance(key, Ragged):
         rows = zip(query.split(1), key.rows, value.rows)
         out = torch.cat(
-            [sdpa_attention_forward(module, q, k, v, None, scaling=scaling, **kwargs)[0] for q, k, v in rows]
+            [
+                sdpa_attention_forward(module, q, k, v, appended(q, k), scaling=scaling, **kwargs)[0]
+                for q, k, v in rows
+            ]
         )
+    elif observer is not None and getattr(observer, "wants_column_sums", False) and prompt_pass(query, key):
+        # The prompt's column sums and its output from one pass over the queries, not SDPA and a redo.
+        out, col_sums = ops.prompt_attention(query, key, value, scaling)
+        observer.observe(module.layer_idx, query, key, scaling, col_sums=col_sums)
+        return out, None
     else:
-        if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+        if observer is not None:  # the explorer's caches: one prompt, or new tokens after what they hold
+            attention_mask = appended(query, key)
+        elif attention_mask is None and 1 < query.shape[2] < key.shape[2]:
             # transformers' SDPA would drop the cached keys here (it assumes an empty cache).
             raise ValueError("several new tokens over a non-empty cache are not supported; feed one per step")
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    observer = _observer.get()
     if observer is not None:
         observer.observe(module.layer_idx, query, key, scaling)
     return out, None
 
 
 AttentionInterface.register(ATTENTION, attention_forward)
+# SDPA's masks too, so a model switched to this function is plain SDPA for any other cache (padded
+# batches included). The explorer's own caches never need one: one prompt, then one token per row.
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def observe_with(observer) -> Token:
+    """Route attention of the forward passes that follow to `observer.observe`; undo with `stop_observing`."""
+    return _observer.set(observer)
+
+
+def stop_observing(token: Token) -> None:
+    _observer.reset(token)
 
 
 @contextmanager
 def observing(observer) -> Iterator[None]:
     """Route attention of forward passes inside this block to `observer.observe`."""
-    token = _observer.set(observer)
+    token = observe_with(observer)
     try:
         yield
     finally:
-        _observer.reset(token)
+        stop_observing(token)

@@ -1,6 +1,6 @@
 """Applying a policy to a cache: compress the prompt (step 0), then evict one entry per step.
 
-What this module is: the two moments ALGORITHMS.md names. `compress_layer` cuts one
+What this module is: the two moments docs/policies.md names. `compress_layer` cuts one
 layer's prompt entries down to its budget right after the prefill (keep sinks, the recent
 window and the best scores; a merging policy folds what it drops into kept entries). `evict_step`
 runs once after every decode forward pass: in each capped layer that is now one entry over
@@ -25,49 +25,96 @@ import torch
 
 from . import ops
 from .events import EventLog
-from .policies import CamRule, MergeRule
+from .policies import Merging
 
 
-def compress_layer(layer, keys, values, scores, ranking, merge: MergeRule | CamRule | None, log: EventLog):
+def compress_layer(layer, keys, values, scores, ranking, merge: Merging | None, log: EventLog):
     """Step 0 for one layer: load the prompt's entries, cut to `layer.plan.budget` per kv-head.
 
     keys, values : [1, Hkv, L, D] from the prefill; scores : [Hkv, L] float32 attention-based scores
-    (stored with the entries) or None; ranking : [Hkv, L] key-based scores (not stored) or None.
-    Without either, the oldest entries go first.
+    (stored with the entries) or None; ranking : [Hkv, L] what eviction ranks by when it is not the
+    stored scores (computed from the entries), or None. Without either, the oldest entries go first.
     Returns D2O's first threshold for the layer (0-d tensor), or None when nothing could merge.
     """
-    _, n_kv, length, dim = keys.shape
-    plan, budget = layer.plan, layer.plan.budget
+    _, n_kv, length, _ = keys.shape
+    budget = layer.plan.budget
     positions = torch.arange(length, device=keys.device).expand(n_kv, length)
     if budget is None or budget >= length:
         layer.load(keys[0], values[0], positions, scores, length)
         log.record_step(0, layer.index, length, length if budget is None else budget, 0, 0)
         return None
+    (k_keep, v_keep), kept, kept_scores, tau = cut(
+        layer, keys[0], values[0], positions, scores, ranking, merge, log, step=0, seen=length
+    )
+    layer.load(k_keep, v_keep, kept, kept_scores, length)
+    return tau
+
+
+def cut(layer, keys, values, positions, scores, ranking, merge: Merging | None, log, step, seen, tau=None):
+    """Cut one layer's entries to its budget: the many-at-once eviction of a compression.
+
+    keys, values : [Hkv, S, D]; positions, scores, ranking : [Hkv, S] (scores, ranking may be None),
+    entries in position order per head. Logs the evictions and merges at `step`.
+    Returns ((kept keys, kept values), kept positions, kept scores or None, the layer's threshold).
+    """
+    n_kv, _, dim = keys.shape
+    plan, budget = layer.plan, layer.plan.budget
     ranking = ranking if ranking is not None else scores
     kept, gone = ops.keep_sets(
-        ranking if ranking is not None else positions, positions, budget, plan.n_sink, plan.n_recent, length
+        ranking if ranking is not None else positions, positions, budget, plan.n_sink, plan.n_recent, seen
     )
-    take = lambda src, idx: src[0].gather(1, idx[..., None].expand(-1, -1, dim))  # noqa: E731
-    k_keep, v_keep = take(keys, kept), take(values, kept)
-    tau = target_pos = sim = on = None
-    if merge is not None and merge.kind == "cam":
-        v_gone = take(values, gone)
-        v_keep, target_pos, sim, on = _cam_prefill(merge, plan, scores, kept, gone, v_keep, v_gone)
-    elif merge is not None:
-        k_gone, v_gone = take(keys, gone), take(values, gone)
-        sim, target = ops.nearest_kept(k_gone, k_keep)
-        tau = sim.mean()  # the first threshold: mean similarity over heads and evicted entries
-        on = ops.merge_decision(sim, tau, merge.shared_by_heads)
-        w_self, w_in = ops.merge_weights(sim, target, on, budget, merge.variant)
-        k_keep = ops.apply_merge(k_keep, k_gone, target, w_self, w_in)
-        v_keep = ops.apply_merge(v_keep, v_gone, target, w_self, w_in)
-        target_pos = kept.gather(1, target)
-    layer.load(k_keep, v_keep, kept, scores.gather(1, kept) if scores is not None else None, length)
+    take = lambda src, idx: src.gather(1, idx[..., None].expand(-1, -1, dim))  # noqa: E731
+    keep_kv = take(keys, kept), take(values, kept)
+    kept_pos, gone_pos = positions.gather(1, kept), positions.gather(1, gone)
+    kept_scores = None if scores is None else scores.gather(1, kept)
+    target_pos = sim = on = None
+    if merge is not None:
+        gone_kv = take(keys, gone), take(values, gone)
+        gone_scores = None if scores is None else scores.gather(1, gone)
+        k, v, target_pos, sim, on, tau = merge.compress(
+            plan, kept_pos, gone_pos, keep_kv, gone_kv, (kept_scores, gone_scores), tau
+        )
+        keep_kv = k, v
     heads = torch.arange(n_kv, device=keys.device)[:, None].expand_as(gone)
     gone_score = ranking.gather(1, gone) if ranking is not None else None
-    log.record(0, layer.index, heads, gone, gone_score, target_pos, sim, on)
-    log.record_step(0, layer.index, budget, budget, gone.numel(), 0 if on is None else on)
-    return tau
+    log.record(step, layer.index, heads, gone_pos, gone_score, target_pos, sim, on)
+    log.record_step(step, layer.index, budget, budget, gone.numel(), 0 if on is None else on)
+    return keep_kv, kept_pos, kept_scores, tau
+
+
+def compress_due(cache) -> None:
+    """After a decode step of a policy that compresses every N > 1 steps: every capped layer that has
+    grown N entries past its budget is cut back to it in one compression (the prompt's rule)."""
+    column = {layer.index: j for j, layer in enumerate(cache.capped)}
+    for layer in cache.layers:
+        j = column.get(layer.index)
+        budget = layer.plan.budget
+        if j is None or layer.stored < budget + cache.every:
+            if cache.log.enabled:
+                cache.log.record_step(cache.step, layer.index, layer.stored, budget or layer.seen, 0, 0)
+            continue
+        window = slice(layer.offset, layer.offset + layer.used)
+        keys, values = cache.kv[0, :, window], cache.kv[1, :, window]
+        scores = None if cache.scores is None else cache.scores[:, window]
+        ranking = cache.scoring.rank(keys, values, scores) if cache.scoring.ranks_entries else None
+        positions, tau = cache.positions[:, window], cache.tau[j]
+        tau = None if tau.isnan() else tau
+        kept_kv, kept, kept_scores, tau = cut(
+            layer,
+            keys,
+            values,
+            positions,
+            scores,
+            ranking,
+            cache.merge,
+            cache.log,
+            cache.step,
+            layer.seen,
+            tau,
+        )
+        if tau is not None:
+            cache.tau[j] = tau
+        layer.reload(*kept_kv, kept, kept_scores)  # gathered copies: safe to write over their source
 
 
 class Rows:
@@ -87,7 +134,7 @@ class Rows:
         self.heads = torch.arange(kv.shape[1], device=kv.device)
         self.capped = first.capped  # offsets and capacities: the same in every row
         self.region, self.segment, self.segments = first.region, first.segment, first.segments
-        self.slot_index, self.merge, self.key_scores = first.slot_index, first.merge, first.key_scores
+        self.slot_index, self.merge, self.scoring = first.slot_index, first.merge, first.scoring
         self.layer_ids = torch.tensor([layer.index for layer in first.capped], device=kv.device)
         if len(caches) == 1:  # one row: per-slot limits broadcast over its heads
             self.slot_sinks, self.slot_recent = first.slot_sinks, first.slot_recent
@@ -119,8 +166,20 @@ def evict_step(cache) -> None:
 
 
 def evict_rows(rows: Rows) -> None:
-    """`evict_step` for every row of `rows` at once: one set of tensor operations, each row's own log."""
-    over = [[layer.stored > layer.plan.budget for layer in c.capped] for c in rows.caches]
+    """`evict_step` for every row of `rows` at once: one set of tensor operations, each row's own log.
+
+    Rows share one policy, so one compression schedule: every step (one entry per kv-head of each
+    layer over budget), every N steps (`compress_due`, row by row), or never after the prompt.
+    Nothing is evicted while the rows are holding (a question being fed after the prompt).
+    """
+    first = rows.caches[0]
+    if first.holding:
+        return
+    if first.every > 1:
+        for cache in rows.caches:
+            compress_due(cache)
+        return
+    over = [[c.every == 1 and layer.stored > layer.plan.budget for layer in c.capped] for c in rows.caches]
     merged = _evict(rows, over) if any(map(any, over)) else None
     for r, cache in enumerate(rows.caches):
         _log_steps(cache, over[r], None if merged is None else merged[rows.row(r)])
@@ -169,8 +228,8 @@ def _evict(rows: Rows, over: list[list[bool]]):
         over_rows = torch.tensor(over, device=positions.device)  # [R, n]
         evicting = rows.spread(over_rows)
         protect |= ~evicting[:, segment]
-    if rows.key_scores is not None:
-        ranking = _key_ranking(rows)
+    if rows.scoring.ranks_entries:
+        ranking = _entry_ranking(rows)
     else:
         ranking = rows.scores[:, :region] if rows.scores is not None else positions
     victim = ops.segment_argmin(
@@ -178,10 +237,8 @@ def _evict(rows: Rows, over: list[list[bool]]):
     )  # [R * Hkv, n]
     score = ranking[heads, victim] if ranking is not positions else None
     target = sim = merged = None
-    if rows.merge is not None and rows.merge.kind == "cam":
-        target, sim, merged = _cam_merge(rows, victim, unused, evicting)
-    elif rows.merge is not None:
-        target, sim, merged = _merge(rows, victim, unused, evicting, over_rows)
+    if rows.merge is not None:
+        target, sim, merged = rows.merge.step(rows, victim, unused, evicting, over_rows)
     gone = positions[heads, victim]
     for r, cache in enumerate(rows.caches):
         if any(over[r]):
@@ -208,73 +265,10 @@ def _record(rows: Rows, cache, over: list[bool], victim, gone, score, target, si
     cache.log.record(cache.step, layer_ids.expand_as(gone), heads, gone, score, target, sim, merged)
 
 
-def _merge(rows: Rows, victim: torch.Tensor, unused, evicting, over_rows):
-    """D2O's token-level merge for every capped layer at once; returns target positions, sims, decisions."""
-    rule, kv, norms = rows.merge, rows.kv, rows.norms
-    heads, region = rows.heads[:, None], rows.region
-    gone = kv[:, heads, victim]  # [2, R * Hkv, n, D]
-    # Cosine to every slot of the victim's own layer: dot products (one small matmul per layer;
-    # spreading the victims over all slots instead copies the whole region and is much slower),
-    # over key norms, which are kept current.
-    victims = gone[0].float()
-    dots = torch.cat(
-        [
-            torch.bmm(
-                victims[:, j : j + 1], kv[0, :, layer.offset : layer.offset + layer.capacity].float().mT
-            )[:, 0]
-            for j, layer in enumerate(rows.capped)
-        ],
-        dim=1,
-    )
-    cos = dots / norms[:, :region]
-    if unused is not None:
-        cos.masked_fill_(unused, float("-inf"))
-    cos[heads, victim] = float("-inf")
-    best, target = ops.segment_argmax(cos, rows.segments)
-    sim = best / norms[heads, victim]
-    merged = _decide(rows, rule, sim, over_rows)
-    if evicting is not None:
-        merged = merged & evicting
-    w_self, w_in = _weights(rows, rule, sim, merged)
-    new = kv[:, heads, target].float() * w_self[..., None] + gone.float() * w_in[..., None]
-    kv[:, heads, target] = new.to(kv.dtype)
-    norms[heads, target] = ops.norms(new[0])
-    return rows.positions[heads, target], sim, merged
+def _entry_ranking(rows: Rows) -> torch.Tensor:
+    """[R * Hkv, region] float32: the scoring's ranking of every capped layer's stored entries (0 elsewhere).
 
-
-def _decide(rows: Rows, rule: MergeRule, sim: torch.Tensor, over_rows):
-    """Each row's new per-layer thresholds and merge decisions ([R * Hkv, n] bool) from this step's sims.
-
-    Row by row on purpose (a few small operations each): thresholds are per request, and CPU kernels
-    round transcendental and fused operations (lerp) differently in their vector lanes and their
-    scalar tail, so the same row laid out inside a bigger tensor could differ in the last bit from
-    that row alone. Row by row, a stacked row decides exactly as it would alone.
-    """
-    decided = []
-    for r, cache in enumerate(rows.caches):
-        row_sim = sim[rows.row(r)]
-        tau = ops.ema_thresholds(cache.tau, row_sim, rule.beta, rule.statistic)
-        if over_rows is not None:  # layers that did not evict keep their threshold
-            tau = torch.where(over_rows[r], tau, cache.tau)
-        cache.tau = tau
-        decided.append(ops.merge_decision(row_sim, tau, rule.shared_by_heads))
-    return decided[0] if len(decided) == 1 else torch.cat(decided)
-
-
-def _weights(rows: Rows, rule: MergeRule, sim: torch.Tensor, merged: torch.Tensor):
-    """`ops.pair_weights` row by row, for the same reason as `_decide` (a sigmoid)."""
-    if len(rows.caches) == 1:
-        return ops.pair_weights(sim, merged, rule.variant)
-    parts = [
-        ops.pair_weights(sim[rows.row(r)], merged[rows.row(r)], rule.variant) for r in range(len(rows.caches))
-    ]
-    return torch.cat([w for w, _ in parts]), torch.cat([w for _, w in parts])
-
-
-def _key_ranking(rows: Rows) -> torch.Tensor:
-    """[R * Hkv, region] float32: the key scores of every capped layer's stored entries (0 elsewhere).
-
-    Per row and layer: a key score may depend on all of a layer's stored keys (KeyDiff's anchor),
+    Per row and layer: a ranking may depend on all of a layer's stored entries (KeyDiff's anchor),
     and rows store different counts.
     """
     kv = rows.kv
@@ -283,69 +277,6 @@ def _key_ranking(rows: Rows) -> torch.Tensor:
         h = rows.row(r)
         for layer in cache.capped:
             window = slice(layer.offset, layer.offset + layer.used)
-            out[h, window] = rows.key_scores(kv[0, h, window])
+            stored = None if rows.scores is None else rows.scores[h, window]
+            out[h, window] = rows.scoring.rank(kv[0, h, window], kv[1, h, window], stored)
     return out
-
-
-def _cam_prefill(rule: CamRule, plan, scores, kept, gone, v_keep, v_gone):
-    """CaM at prompt compression: each evicted value is spread over the kept entries just after it.
-
-    kept, gone : [Hkv, K] / [Hkv, E] slots (= positions at prefill), each in position order.
-    Returns (new kept values, first target position, merge weight p, merged) per evicted entry.
-    """
-    n_keep, dim = kept.shape[1], v_keep.shape[-1]
-    m = rule.targets(plan)
-    first = torch.searchsorted(
-        kept.contiguous(), gone.contiguous()
-    )  # index (into kept) of the first kept entry after each evicted one
-    count = (n_keep - first).clamp(max=m)
-    top = scores.gather(1, kept).amax(dim=1, keepdim=True).clamp_min(1e-30)
-    p = (scores.gather(1, gone) / top).clamp(0.0, 1.0)
-    on = (count > 0) & (p > 0)
-    w = torch.where(on, p / count.clamp_min(1), 0.0)
-    out, add = v_keep.float(), v_gone.float()
-    for r in range(m):
-        index = first + r
-        ok = index < n_keep
-        index = index.clamp(max=n_keep - 1)[..., None].expand(-1, -1, dim)
-        out.scatter_add_(1, index, add * (w * ok)[..., None])
-    target = kept.gather(1, first.clamp(max=n_keep - 1))
-    return out.to(v_keep.dtype), target, p, on
-
-
-def _cam_merge(rows: Rows, victim: torch.Tensor, unused, evicting):
-    """CaM at a decode step, every capped layer at once: the victim's value, weighted by
-    ``p = clamp(s_victim / max kept s, 0, 1)``, is split evenly over the (up to) m kept entries
-    whose positions follow it most closely. Keys are untouched. Returns first target positions, p, merged.
-    """
-    rule, kv, segments = rows.merge, rows.kv, rows.segments
-    heads, region = rows.heads[:, None], rows.region
-    n_layers = len(rows.capped)
-    positions, scores = rows.positions[:, :region], rows.scores[:, :region]
-    never = torch.iinfo(positions.dtype).max
-    v_pos = positions[heads, victim]  # [R * Hkv, n]
-    after = positions > v_pos[:, rows.segment]
-    stored = torch.ones_like(after) if unused is None else ~unused
-    after &= stored
-    m = rows.spread(rows.table(lambda layer: rule.targets(layer.plan)))  # [R * Hkv, n]: rows' budgets differ
-    width = min(int(m.max()), segments.index.shape[1])
-    later = torch.where(after, positions, never)[:, segments.index].masked_fill(~segments.valid, never)
-    nearest, k = later.topk(width, dim=-1, largest=False)  # [Hkv, n, width]
-    layer_ids = torch.arange(n_layers, device=kv.device)
-    slots = segments.index[layer_ids[None, :, None], k]  # [Hkv, n, width]
-    ok = (nearest < never) & (torch.arange(width, device=kv.device) < m[..., None])
-    if evicting is not None:
-        ok &= evicting[..., None]
-    count = ok.sum(dim=-1)
-    others = scores.masked_fill(~stored, float("-inf"))
-    others[heads, victim] = float("-inf")
-    top = others[:, segments.index].masked_fill(~segments.valid, float("-inf")).amax(dim=-1)
-    p = (scores[heads, victim] / top.clamp_min(1e-30)).clamp(0.0, 1.0)
-    merged = (count > 0) & (p > 0)
-    w = torch.where(merged, p / count.clamp_min(1), 0.0)
-    into_heads = rows.heads[:, None, None].expand_as(slots)[ok]
-    into = slots[ok]
-    add = (kv[1, heads, victim].float()[:, :, None, :] * w[..., None, None]).expand(-1, -1, width, -1)[ok]
-    kv[1][into_heads, into] = (kv[1][into_heads, into].float() + add).to(kv.dtype)
-    first = rows.positions[heads, slots[..., 0]]
-    return first, p, merged

@@ -148,8 +148,17 @@ def _converted_bundled() -> tuple[Path, str]:
     return target, "bundled (converted from GGUF)"
 
 
+def bundled_folder() -> Path:
+    """The bundled model as a transformers folder (converted from its GGUF on first use): for
+    `AutoModelForCausalLM.from_pretrained` in your own code."""
+    return _converted_bundled()[0]
+
+
 def load_model(
-    name: str | None = None, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load a causal LM for the explorer.
 
@@ -160,6 +169,8 @@ def load_model(
         speed and memory only, the texts are meaningless).
     device : "auto" (default; env `D2O_DEVICE`), "cpu", "cuda", "cuda:1", ...
     dtype : default bfloat16 on CUDA, float32 on CPU.
+    device_map : passed to transformers as is, e.g. "auto" to spread a model larger than one GPU
+        over every visible GPU (accelerate); default: the whole model on `device`.
     """
     start = time.perf_counter()
     device = resolve_device(device)
@@ -179,9 +190,9 @@ def load_model(
         path,
         dtype=dtype,
         attn_implementation=ATTENTION,
-        device_map=str(device) if device.type == "cuda" else None,
+        device_map=device_map or (str(device) if device.type == "cuda" else None),
     )
-    if device.type != "cuda":  # device_map already placed it
+    if device.type != "cuda" and not device_map:  # device_map already placed it
         model = model.to(device)
     lm = from_model(model.eval(), tokenizer, name=name)
     lm.load_seconds, lm.source = time.perf_counter() - start, source

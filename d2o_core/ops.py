@@ -6,7 +6,7 @@ Query head `h` reads kv-head `h // n_rep` (transformers' `repeat_kv` layout), so
 `[Hq, ...]` tensor groups into kv-heads with a reshape to `[Hkv, n_rep, ...]`.
 
 What it is not: it holds no state and knows nothing of models, caches or requests;
-`cache.py` decides when these are called. ALGORITHMS.md is the reference for every formula.
+`cache.py` decides when these are called. docs/policies.md is the reference for every formula.
 """
 
 from __future__ import annotations
@@ -38,11 +38,25 @@ def prefill_column_sums(query: torch.Tensor, key: torch.Tensor, scaling: float) 
     [Hq, L] float32: ``col[h, j]`` = total attention key ``j`` received from all prompt queries of head ``h``.
     Memory is O(Hq x chunk x L); the full [Hq, L, L] matrix is never built.
     """
+    return prompt_attention(query, key, None, scaling)[1]
+
+
+def prompt_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, scaling: float
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The prompt's causal attention output and its column sums from ONE pass over query chunks.
+
+    value : [1, Hkv, L, D] or None (column sums only). Returns (output [1, L, Hq, D] in SDPA's
+    layout and `value`'s dtype, or None; column sums [Hq, L] float32 as `prefill_column_sums`).
+    The probabilities are float32; the output is their product with the values (to float tolerance
+    of SDPA's, which the model would otherwise run as a second pass over the same queries).
+    """
     _, n_q, length, dim = query.shape
     n_kv = key.shape[1]
     q = query[0].reshape(n_kv, n_q // n_kv, length, dim)
     k = key[0]
     col = torch.zeros(n_kv, n_q // n_kv, length, dtype=torch.float32, device=query.device)
+    out = None if value is None else value.new_empty(n_kv, n_q // n_kv, length, value.shape[-1])
     chunk = max(1, min(_MAX_CHUNK, length, _CHUNK_ELEMENTS // max(1, n_q * length)))
     future = torch.full((chunk, chunk), float("-inf"), device=query.device).triu(1)
     for start in range(0, length, chunk):
@@ -50,8 +64,13 @@ def prefill_column_sums(query: torch.Tensor, key: torch.Tensor, scaling: float) 
         # Keys before `start` are visible to the whole chunk; only the diagonal block needs the causal mask.
         logits = torch.matmul(q[:, :, start:end], k[:, None, :end].transpose(-1, -2)).float().mul_(scaling)
         logits[..., start:end] += future[: end - start, : end - start]
-        col[:, :, :end] += torch.softmax(logits, dim=-1).sum(dim=2)
-    return col.reshape(n_q, length)
+        probs = torch.softmax(logits, dim=-1)
+        col[:, :, :end] += probs.sum(dim=2)
+        if out is not None:
+            out[:, :, start:end] = torch.matmul(probs.to(value.dtype), value[0, :, None, :end])
+    if out is not None:
+        out = out.reshape(n_q, length, -1).transpose(0, 1)[None]
+    return out, col.reshape(n_q, length)
 
 
 def attention_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -70,6 +89,25 @@ def attention_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tor
     q = query[0, :, 0].reshape(n_kv, n_q // n_kv, -1)
     logits = torch.bmm(q, key[0].transpose(1, 2)) * scaling
     return logits.softmax(dim=-1, dtype=torch.float32).sum(dim=1)
+
+
+def appended_mask(n_new: int, n_entries: int, device=None) -> torch.Tensor:
+    """[q, S] bool: `q` new tokens, the last `q` of `S` entries, each seeing all before it and itself."""
+    return torch.ones(n_new, n_entries, dtype=torch.bool, device=device).tril(n_entries - n_new)
+
+
+def appended_rows(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of `q` new queries (the last `q` of the `S` stored entries) summed per kv-head.
+
+    query : [1, Hq, q, D]; key : [1, Hkv, S, D]. Returns [q, Hkv, S] float32: row `i` is what
+    `attention_row` gives when the new tokens are fed one at a time (masked to the entries before it).
+    """
+    n_q, n_new, dim = query.shape[1], query.shape[2], query.shape[3]
+    n_kv, n_entries = key.shape[1], key.shape[2]
+    q = query[0].reshape(n_kv, n_q // n_kv, n_new, dim)
+    logits = torch.matmul(q, key[0][:, None].transpose(-1, -2)).float().mul_(scaling)  # [Hkv, r, q, S]
+    logits.masked_fill_(~appended_mask(n_new, n_entries, query.device), float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=1).transpose(0, 1)
 
 
 def attention_probs(

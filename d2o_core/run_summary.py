@@ -7,11 +7,19 @@ beyond returning strings and frames).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 
 from .run_result import RunResult
+
+# C0 controls but tab and newline, DEL and C1: ESC (and U+009B) start terminal escape sequences,
+# CR and backspace overwrite what was printed, BEL rings.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# A spreadsheet reads a cell starting with one of these as a formula (=HYPERLINK(...), +cmd|...);
+# tab and CR are how a leading sign hides from a check (OWASP's "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def jsonable(value):
@@ -35,8 +43,29 @@ def comparison_json(results: dict[str, RunResult], meta: dict | None = None) -> 
 
 
 def events_csv(results: dict[str, RunResult]) -> str:
-    """Every policy's events in one CSV, with a leading `policy` column."""
-    return combined(results, "events").to_csv(index=False)
+    """Every policy's events in one CSV, with a leading `policy` column.
+
+    Text cells (labels, tokens) come from a prompt, a model or a run file; one that a spreadsheet
+    would run as a formula gets a leading single quote (numbers stay numbers).
+    """
+    events = combined(results, "events")
+    text = events.select_dtypes(include=["object", "string"]).columns
+    return events.assign(**{c: events[c].map(inert_cell) for c in text}).to_csv(index=False)
+
+
+def inert_cell(value):
+    """A text cell a spreadsheet shows as text: "'=HYPERLINK(...)" for "=HYPERLINK(...)"."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
+def printable(text) -> str:
+    """`text` safe to print on a terminal: control characters shown as escapes such as "\\x1b".
+
+    A run file's strings and a model's text are printed by the CLI; raw, an escape sequence in
+    them could clear the screen, move the cursor, rename the window or hide what came before.
+    Newlines and tabs stay.
+    """
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def combined(results: dict[str, RunResult], attr: str) -> pd.DataFrame:

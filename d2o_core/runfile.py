@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +44,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
+from ._version import __version__
 from .events import (
     ATTENTION_SCHEMA,
     DRIFT_SCHEMA,
@@ -157,17 +157,10 @@ def _jsonable(value):
     return jsonable(value)
 
 
-def _version() -> str | None:
-    try:
-        return metadata.version("d2o-cache-explorer")
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def save_run(results: dict[str, RunResult], meta: dict | None = None) -> str:
     """The comparison as run-file JSON text (`meta`: model, prompt, max_new_tokens, ...; `created` added)."""
     created = datetime.now(UTC).isoformat(timespec="seconds")
-    head = {"created": created, "d2o_core_version": _version()}
+    head = {"created": created, "d2o_core_version": __version__}
     doc = {
         "schema_version": SCHEMA_VERSION,
         "meta": head | dict(meta or {}),

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
 
 from . import metrics as M
-from .batching import RaggedBatch
-from .cache import PolicyCache, PrefillCache, prefill_needs
-from .capture import observing
+from .cache import PrefillCache, prefill_needs
+from .engine import Row, compress, decode_step, encode, encode_parts, hold, pick, prefill
 from .events import EventLog
 from .models import LoadedModel
 from .policies import Policy
@@ -47,39 +45,6 @@ class Update:
     text: str = ""
     step: int = 0
     results: dict[str, RunResult] | None = None
-
-
-@dataclass
-class _Run:
-    """A policy's state while generating (private to one call)."""
-
-    policy: Policy
-    label: str
-    cache: PolicyCache
-    generator: torch.Generator
-    prefill_seconds: float
-    tokens: list[int] = field(default_factory=list)
-    done: bool = False
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
-    # Teacher-forced copy, forked at the first token that differs from the full cache's; while it is
-    # None the run has read exactly what the full cache read.
-    fork: PolicyCache | None = None
-    drift: list = field(default_factory=list)
-    logprobs: torch.Tensor | None = None  # the full cache's latest next-token log-probs (reference only)
-
-
-def encode(lm: LoadedModel, prompt: str | Sequence[int], chat: bool) -> list[int]:
-    """Token ids of the prompt (with the chat template when `chat` and the tokenizer has one)."""
-    if not isinstance(prompt, str):
-        return [int(t) for t in prompt]
-    tok = lm.tokenizer
-    if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    else:
-        ids = tok(prompt)["input_ids"]
-    return [int(t) for t in ids]
 
 
 def result_labels(policies: Sequence[Policy]) -> list[str]:
@@ -115,52 +80,6 @@ def _check(lm: LoadedModel, prompt, policies, max_new_tokens, temperature) -> No
         raise ValueError(f"temperature must be 0 (greedy) or positive; got {temperature!r}.")
 
 
-def _forward(lm: LoadedModel, cache, input_ids: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
-    """Last-position logits [B, V] after feeding `input_ids` at `positions`, with `cache` observing."""
-    device = lm.device
-    with torch.no_grad(), observing(cache):
-        out = lm.model(
-            input_ids=torch.tensor(input_ids, device=device),
-            position_ids=torch.tensor(positions, device=device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-    return out.logits[:, -1]
-
-
-def _prefill(lm: LoadedModel, cache: PrefillCache, ids: list[int]) -> torch.Tensor:
-    """The prompt's one forward pass: [V] logits for the first new token."""
-    return _forward(lm, cache, [ids], [list(range(len(ids)))])[0]
-
-
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _decode(lm: LoadedModel, caches, tokens: list[int], step: int) -> torch.Tensor:
-    """One decode step for several caches as one batch; returns [B, V] logits.
-
-    `caches`: a list of `PolicyCache`s (any policies; attention then runs per row), or a
-    `batching.StackedBatch` (one layout; attention runs once for all rows). Each token goes in
-    at the position after every token its cache has seen (not after the entries it stores).
-    The matrix products run once for all rows.
-    """
-    batch = caches if isinstance(caches, Cache) else RaggedBatch(caches)
-    for cache in batch.caches:
-        cache.step = step
-    positions = [[cache.get_seq_length()] for cache in batch.caches]
-    return _forward(lm, batch, [[t] for t in tokens], positions)
-
-
-def _step(lm: LoadedModel, cache: PolicyCache, token: int, step: int) -> torch.Tensor:
-    """`_decode` for one cache: [V] logits."""
-    return _decode(lm, [cache], [token], step)[0]
-
-
 def iter_compare(
     lm: LoadedModel,
     prompt: str | Sequence[int],
@@ -172,8 +91,13 @@ def iter_compare(
     seed: int = 0,
     fidelity: bool = True,
     attention: bool = True,
+    question: str | Sequence[int] | None = None,
 ) -> Iterator[Update]:
     """Generate with every policy from one shared prefill, yielding progress as it goes.
+
+    question : kept whole: `prompt` is then the context, which every policy compresses; the question
+    (with the chat template's end of turn and assistant header) is fed after the compression, and
+    that compression cannot evict it (kvpress's convention). Without it the whole prompt is compressed.
 
     attention : record the prompt's attention column sums into every result's `attention` frame
     (the page's attention view and run files); benchmarks and sweeps, which never draw it, turn it
@@ -184,33 +108,45 @@ def iter_compare(
     Closing the generator stops the work (the UI's Stop button does this).
     """
     _check(lm, prompt, policies, max_new_tokens, temperature)
-    ids = encode(lm, prompt, chat)
+    if question is not None and isinstance(question, str) and not question.strip():
+        question = None  # a blank question box: the whole prompt is compressed
+    ids, held = (
+        encode_parts(lm, prompt, question, chat) if question is not None else (encode(lm, prompt, chat), [])
+    )
     if not ids:
         raise ValueError("The prompt has no tokens after tokenisation.")
-    if len(ids) > lm.max_prompt_tokens:
+    if len(ids) + len(held) > lm.max_prompt_tokens:
         raise ValueError(
-            f"The prompt has {len(ids)} tokens; the limit here is {lm.max_prompt_tokens} "
+            f"The prompt has {len(ids) + len(held)} tokens; the limit here is {lm.max_prompt_tokens} "
             "(set D2O_MAX_PROMPT_TOKENS to change it)."
         )
     policies = sorted(policies, key=lambda p: p.name != "full")  # the reference decodes first each step
     yield Update("status", text=f"Reading the prompt ({len(ids)} tokens) once for all policies...")
     start = time.perf_counter()
     needs = prefill_needs(policies)
-    prefill = PrefillCache(lm.n_layers, **(needs | {"record": needs["record"] or attention}))
-    logits = _prefill(lm, prefill, ids)
+    prompt_cache = PrefillCache(lm.n_layers, **(needs | {"record": needs["record"] or attention}))
+    logits = prefill(lm, prompt_cache, ids)
     prefill_seconds = time.perf_counter() - start
     runs = []
     for policy, label in zip(policies, result_labels(policies)):
         start = time.perf_counter()
-        cache = PolicyCache.from_prefill(prefill, policy, extra=max_new_tokens + 1, log=EventLog())
+        cache = compress(prompt_cache, policy, extra=max_new_tokens + 1, log=EventLog(), hold=len(held))
         generator = torch.Generator().manual_seed(seed)
-        run = _Run(policy, label, cache, generator, prefill_seconds + time.perf_counter() - start)
-        run.tokens.append(_pick(logits, temperature, generator))
+        runs.append(Row(policy, label, cache, generator, prefill_seconds + time.perf_counter() - start))
+    firsts = [logits] * len(runs)
+    if held:
+        yield Update("status", text=f"Reading the question ({len(held)} tokens), kept whole...")
+        start = time.perf_counter()
+        firsts = hold(lm, [run.cache for run in runs], held)
+        for run in runs:
+            run.prefill_seconds += time.perf_counter() - start
+    for run, first in zip(runs, firsts):
+        run.tokens.append(pick(first, temperature, run.generator))
         run.done = run.tokens[-1] in lm.eos_ids
-        runs.append(run)
-    prompt_tokens = token_texts(lm, ids)
-    shared = prompt_attention(prefill, lm.n_kv_heads, prompt_tokens) if attention else None
-    del prefill
+    prompt_tokens = token_texts(lm, ids + held)
+    context_tokens = prompt_tokens[: len(ids)]
+    shared = prompt_attention(prompt_cache, lm.n_kv_heads, context_tokens) if attention else None
+    del prompt_cache
     ref = runs[0] if runs[0].policy.name == "full" and fidelity else None
     for run in runs:
         yield Update("token", run.label, decode_text(lm, run.tokens), 0)
@@ -221,7 +157,7 @@ def iter_compare(
         # Forked copies read the full cache's tokens; they run while the full cache does.
         forced = [r for r in runs if r.fork is not None and not ref.done] if ref is not None else []
         start = time.perf_counter()
-        logits = _decode(
+        logits = decode_step(
             lm,
             [r.cache for r in free] + [r.fork for r in forced],
             [r.tokens[-1] for r in free] + [ref.tokens[step - 1] for _ in forced],
@@ -242,9 +178,9 @@ def iter_compare(
     yield Update("done", results=results)
 
 
-def _advance(lm, run: _Run, logits: torch.Tensor, step: int, temperature: float, ref: _Run | None) -> None:
+def _advance(lm, run: Row, logits: torch.Tensor, step: int, temperature: float, ref: Row | None) -> None:
     """Take the run's next token; while it has read what the full cache read, that step is also drift."""
-    run.tokens.append(_pick(logits, temperature, run.generator))
+    run.tokens.append(pick(logits, temperature, run.generator))
     run.decode_steps += 1
     run.done = run.tokens[-1] in lm.eos_ids
     if ref is not None and run.fork is None and step < len(ref.tokens):
@@ -254,12 +190,12 @@ def _advance(lm, run: _Run, logits: torch.Tensor, step: int, temperature: float,
         run.drift.append(_fidelity(ref, logits, step))
 
 
-def _fidelity(ref: _Run, logits: torch.Tensor, step: int) -> tuple:
+def _fidelity(ref: Row, logits: torch.Tensor, step: int) -> tuple:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return (step, *M.step_fidelity(ref.logprobs, logprobs, ref.tokens[step]))
 
 
-def _track_agreement(runs: list[_Run], ref: _Run, step: int) -> None:
+def _track_agreement(runs: list[Row], ref: Row, step: int) -> None:
     """After `step`, fork every run whose latest token differs from the full cache's."""
     for run in runs[1:]:
         if run.fork is not None or step >= len(ref.tokens):

@@ -28,11 +28,11 @@ import torch
 
 from .batching import RaggedBatch, StackedBatch, can_stack
 from .cache import PolicyCache, PrefillCache, prefill_needs
+from .engine import Row, compress, decode_step, encode, pick, prefill
 from .events import EventLog
 from .models import LoadedModel
 from .policies import Policy
 from .run_result import decode_text
-from .runner import _decode, _pick, _prefill, encode
 
 MB = 1024 * 1024
 
@@ -55,8 +55,9 @@ def entry_bytes(lm: LoadedModel) -> int:
 def decode_entries(cache: PolicyCache, n_prompt: int, new_tokens: int) -> int:
     """The most entries `cache` holds at once while decoding `new_tokens` tokens (all layers)."""
     longest = n_prompt + new_tokens  # the token fed at the last step included
+    room = new_tokens if cache.every == 0 else cache.every  # how far past its budget a layer grows
     return sum(
-        longest if layer.plan.budget is None else min(layer.plan.budget + 1, longest)
+        longest if layer.plan.budget is None else min(layer.plan.budget + room, longest)
         for layer in cache.layers
     )
 
@@ -89,25 +90,6 @@ def _check(prompts, policy, max_new_tokens, kv_cap_mb, batch) -> None:
         raise ValueError(f"kv_cap_mb must be a positive number of MB; got {kv_cap_mb!r}.")
     if batch is not None and (not whole(batch) or batch < 1):
         raise ValueError(f"batch must be a whole number >= 1; got {batch!r}.")
-
-
-@dataclass
-class _Row:
-    index: int
-    ids: list[int]
-    cache: PolicyCache
-    generator: torch.Generator
-    tokens: list[int]
-    peak_entries: int
-    done: bool = False
-    prefill_seconds: float = 0.0
-
-    def fresh(self, seed: int = 0) -> _Row:
-        """A copy as admitted (its compressed cache cloned, only the first token): to decode again."""
-        generator = torch.Generator().manual_seed(seed)
-        copy = _Row(self.index, self.ids, self.cache.clone(), generator, self.tokens[:1], self.peak_entries)
-        copy.prefill_seconds = self.prefill_seconds
-        return copy
 
 
 def serve_batch(
@@ -155,16 +137,20 @@ def serve_batch(
     cap = cap_mb * MB
     texts, tokens = [None] * len(ids), [None] * len(ids)
     waves, waiting = [], list(range(len(ids)))
-    admission_peak = 0
+    admission_peak, pending = 0, None  # pending: a row admitted but not fitting its wave keeps its prefill
     while waiting:
         rows, held = [], 0
         while waiting and (batch is None or len(rows) < batch):
             index = waiting[0]
-            row, prefill_entries = _admit(lm, index, ids[index], policy, max_new_tokens, temperature, seed)
+            row, prefill_entries = pending or admit(
+                lm, index, ids[index], policy, max_new_tokens, temperature, seed
+            )
+            pending = None
             need = row.peak_entries * per_entry
             if batch is None and held + need > cap:
                 if not rows:
                     raise cap_too_small(cap_mb, need / MB, policy)
+                pending = (row, prefill_entries)
                 break
             waiting.pop(0)
             compressed = row.cache.stored_entries() * per_entry
@@ -182,7 +168,7 @@ def serve_batch(
     return BatchResult(texts, tokens, metrics, waves)
 
 
-def _admit(lm, index, ids, policy, max_new_tokens, temperature, seed) -> tuple[_Row, int]:
+def admit(lm, index, ids, policy, max_new_tokens, temperature=0.0, seed=0) -> tuple[Row, int]:
     """Prefill one prompt and compress it: its row, and the entries its prefill held."""
     rows, prefill_entries = admit_shared(lm, index, ids, [policy], max_new_tokens, temperature, seed)
     return rows[0], prefill_entries
@@ -190,30 +176,30 @@ def _admit(lm, index, ids, policy, max_new_tokens, temperature, seed) -> tuple[_
 
 def admit_shared(
     lm, index: int, ids: list[int], policies: Sequence[Policy], max_new_tokens: int, temperature=0.0, seed=0
-) -> tuple[list[_Row], int]:
+) -> tuple[list[Row], int]:
     """Prefill one prompt ONCE and compress it for each policy: one row per policy, and the entries
     the prefill held. Each row's `prefill_seconds` is the shared prefill plus its own compression,
     what admitting it alone would have cost; its cache is what `serve_batch` would have built."""
     start = time.perf_counter()
-    prefill = PrefillCache(lm.n_layers, **prefill_needs(policies))
-    logits = _prefill(lm, prefill, ids)
+    prompt_cache = PrefillCache(lm.n_layers, **prefill_needs(policies))
+    logits = prefill(lm, prompt_cache, ids)
     shared = time.perf_counter() - start
     rows = []
     for policy in policies:
         start = time.perf_counter()
-        cache = PolicyCache.from_prefill(
-            prefill, policy, extra=max_new_tokens + 1, log=EventLog(enabled=False)
-        )
+        cache = compress(prompt_cache, policy, extra=max_new_tokens + 1, log=EventLog(enabled=False))
         generator = torch.Generator().manual_seed(seed)
-        first = _pick(logits, temperature, generator)
+        first = pick(logits, temperature, generator)
         peak = decode_entries(cache, len(ids), max_new_tokens)
-        row = _Row(index, ids, cache, generator, [first], peak)
-        row.prefill_seconds = shared + time.perf_counter() - start
+        seconds = shared + time.perf_counter() - start
+        row = Row(
+            policy, policy.label, cache, generator, seconds, [first], index=index, ids=ids, peak_entries=peak
+        )
         rows.append(row)
     return rows, lm.n_layers * len(ids)
 
 
-def decode_rows(lm, rows: list[_Row], max_new_tokens, temperature=0.0, stop_at_eos=True, say=None) -> dict:
+def decode_rows(lm, rows: list[Row], max_new_tokens, temperature=0.0, stop_at_eos=True, say=None) -> dict:
     """Decode admitted rows together until each stops; returns the batch's timing record
     (batch, steps, generated, decode_seconds, prefill_seconds). The rows' caches are used up."""
     say = say or (lambda text: None)
@@ -230,9 +216,9 @@ def decode_rows(lm, rows: list[_Row], max_new_tokens, temperature=0.0, stop_at_e
             caches = [row.cache for row in live]
             batch = StackedBatch(caches) if can_stack(caches) else RaggedBatch(caches)
             members = [row.index for row in live]
-        logits = _decode(lm, batch, [row.tokens[-1] for row in live], step)
+        logits = decode_step(lm, batch, [row.tokens[-1] for row in live], step)
         for row, row_logits in zip(live, logits):
-            row.tokens.append(_pick(row_logits, temperature, row.generator))
+            row.tokens.append(pick(row_logits, temperature, row.generator))
             row.done = len(row.tokens) >= max_new_tokens or (stop_at_eos and row.tokens[-1] in lm.eos_ids)
         steps, generated = steps + 1, generated + len(live)
         if step % 8 == 0:

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import d2o_core
-from d2o_core import runner
+from d2o_core import engine
 from d2o_core.cache import PolicyCache, PrefillCache
 from d2o_core.events import EventLog
 
@@ -28,7 +28,7 @@ class CharTokenizer:
     chat_template = None
     eos_token_id = None
 
-    def __call__(self, text: str) -> dict:
+    def __call__(self, text: str, **kwargs) -> dict:
         return {"input_ids": [min(ord(c), 127) for c in text]}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -59,7 +59,7 @@ def tiny_model(layers: int = 4, heads: int = 4, kv_heads: int = 2, seed: int = 0
 def shared_prefill(lm, ids: list[int]) -> tuple[PrefillCache, torch.Tensor]:
     """The prompt read once, attention scores recorded (any policy may need them): (prefill, last logits)."""
     prefill = PrefillCache(lm.n_layers, record=True)
-    logits = runner._prefill(lm, prefill, ids)
+    logits = engine.prefill(lm, prefill, ids)
     return prefill, logits
 
 
@@ -84,8 +84,13 @@ def walk(lm, ids, policy, steps: int, feed=None) -> Iterator[tuple[int, PolicyCa
     yield 0, cache, logits
     for step in range(1, steps + 1):
         token = feed[step - 1] if feed is not None else int(logits.argmax())
-        logits = runner._step(lm, cache, token, step)
+        logits = one_step(lm, cache, token, step)
         yield step, cache, logits
+
+
+def one_step(lm, cache: PolicyCache, token: int, step: int) -> torch.Tensor:
+    """One decode step of a single cache: [V] logits."""
+    return engine.decode_step(lm, [cache], [token], step)[0]
 
 
 def held_positions(layer) -> list[list[int]]:

@@ -3,7 +3,7 @@
     .venv/bin/python tests/mutants.py            # every mutant; prints which tests caught it
     .venv/bin/python tests/mutants.py M3 M5      # just these
 
-Each mutant is one textual edit of the engine (the rules ALGORITHMS.md names); the file is
+Each mutant is one textual edit of the engine (the rules docs/policies.md names); the file is
 restored afterwards, also on Ctrl-C. A mutant that no test catches is a hole in the suite.
 Not collected by pytest (the name does not start with `test_`).
 """
@@ -26,24 +26,29 @@ TESTS = [
 # name: (file, text, replacement, what it breaks)
 MUTANTS = {
     "M1": (
-        "d2o_core/evict.py",
-        "kv[:, rows, target] = new.to(kv.dtype)",
-        "kv[0, rows, target] = new[0].to(kv.dtype)",
+        "d2o_core/policies/merging.py",
+        "kv[:, heads, target] = new.to(kv.dtype)",
+        "kv[0, heads, target] = new[0].to(kv.dtype)",
         "decode merges never write the target's value",
     ),
     "M2": (
-        "d2o_core/evict.py",
+        "d2o_core/policies/merging.py",
         "v_keep = ops.apply_merge(v_keep, v_gone, target, w_self, w_in)",
         "v_keep = v_keep",
         "prefill merges never write the target's value",
     ),
     "M3": (
-        "d2o_core/evict.py",
-        "    cache.tau = tau\n",
-        "    pass\n",
+        "d2o_core/policies/merging.py",
+        "        cache.tau = tau\n",
+        "        pass\n",
         "the threshold is never carried forward",
     ),
-    "M4": ("d2o_core/evict.py", "tau = sim.mean()", "tau = sim.max()", "the first threshold is the max"),
+    "M4": (
+        "d2o_core/policies/merging.py",
+        "tau = sim.mean()",
+        "tau = sim.max()",
+        "the first threshold is the max",
+    ),
     "M5": (
         "d2o_core/policies/d2o.py",
         'beta=0.7, statistic="max"',
@@ -51,9 +56,9 @@ MUTANTS = {
         "the paper's EMA statistic is the mean",
     ),
     "M6": (
-        "d2o_core/evict.py",
-        "merged = ops.merge_decision(sim, tau, rule.shared_by_heads)",
-        "merged = ops.merge_decision(sim, tau, False)",
+        "d2o_core/policies/merging.py",
+        "decided.append(ops.merge_decision(row_sim, tau, rule.shared_by_heads))",
+        "decided.append(ops.merge_decision(row_sim, tau, False))",
         "the official decision is per head at decode",
     ),
     "M7": (
@@ -81,9 +86,9 @@ MUTANTS = {
         "official decode weights: target not averaged",
     ),
     "M11": (
-        "d2o_core/cache.py",
-        "                self.scores[:, window] += row\n",
-        "                self.scores[:, window] = row\n",
+        "d2o_core/policies/scoring.py",
+        "        stored += row\n",
+        "        stored.copy_(row)\n",
         "decode scores not accumulated",
     ),
     "M12": (

@@ -87,7 +87,7 @@ def test_density_is_d2o_f_l_over_the_per_query_head_sums(results, eager_attentio
     per_layer = attention.groupby("layer")["density"]
     assert (per_layer.nunique() == 1).all()  # one value on every row of a layer
     expected = []
-    for att in eager_attention:  # ALGORITHMS.md: variance over keys per query head, min-max scaled, mean
+    for att in eager_attention:  # docs/policies.md: variance over keys per query head, min-max scaled, mean
         var = att.sum(dim=1).var(dim=-1, unbiased=True)
         expected.append(float(((var - var.min()) / (var.max() - var.min() + 1e-6)).mean()))
     assert per_layer.first().tolist() == pytest.approx(expected, abs=1e-6)

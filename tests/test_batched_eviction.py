@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import TEXT, held_positions, tiny_model
 
-from d2o_core import POLICIES, runner
+from d2o_core import POLICIES, engine
 from d2o_core.batching import StackedBatch, can_stack
 from d2o_core.cache import PolicyCache, PrefillCache, prefill_needs
 from d2o_core.events import EventLog
@@ -38,16 +38,16 @@ IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for name, kw in M
 
 
 def admit(lm, policy, text: str) -> PolicyCache:
-    ids = runner.encode(lm, text, False)
+    ids = engine.encode(lm, text, False)
     prefill = PrefillCache(lm.n_layers, **prefill_needs([policy]))
-    runner._prefill(lm, prefill, ids)
+    engine.prefill(lm, prefill, ids)
     return PolicyCache.from_prefill(prefill, policy, extra=len(FEED) + 1, log=EventLog())
 
 
 def decode(lm, caches, batched: bool) -> None:
     batch = StackedBatch(caches, batched_eviction=batched)
     for step, token in enumerate(FEED):
-        runner._decode(lm, batch, [token] * len(caches), step + 1)
+        engine.decode_step(lm, batch, [token] * len(caches), step + 1)
 
 
 def state(cache) -> dict:

@@ -8,9 +8,11 @@ pass; at decode, a spy records each layer's entries and scores just before the c
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, walk
 from test_d2o_engine import (
     FEED,
     LAYERS,
@@ -25,6 +27,9 @@ from test_d2o_engine import (
 )
 
 from d2o_core import POLICIES
+from d2o_core.__main__ import main
+from d2o_core.policies.base import settings_of
+from d2o_core.policies.cam import MAX_MERGE_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +119,68 @@ def test_decode_steps_merge_the_evicted_value_forward_with_weight_p(lm):
     assert merged > 0
     events = cache.log.events_frame([""] * 200)
     assert (events.kind == "merge").any() and (events[events.kind == "merge"].similarity <= 1).all()
+
+
+# -- bounds: the setting declares one, and the engine never loops past what a layer holds ---------
+HUGE = 10**12  # far past any cache; the prompt compression once looped this many times
+
+
+def unchecked_cam(merge_tokens: int):
+    """A CaM policy whose merge_tokens skipped validation (a hand-built policy or a future entry point)."""
+    policy = POLICIES["cam"](budget=0.25)
+    object.__setattr__(policy, "merge_tokens", merge_tokens)
+    return policy
+
+
+def within(seconds: float, work):
+    """`work()`'s result; the test fails if it runs longer than `seconds` (left running as a daemon)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test below
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still running after {seconds} s: the loop is not bounded by the cache")
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def cache_states(lm, policy, steps: int = 3) -> list[list[torch.Tensor]]:
+    """Every layer's stored values after the prompt's compression and after each decode step."""
+    return [
+        [layer.values[:, :, : layer.used].clone() for layer in cache.layers]
+        for _, cache, _ in walk(lm, PROMPT, policy, steps, feed=FEED)
+    ]
+
+
+def test_a_huge_merge_tokens_costs_no_more_than_the_cache_holds_and_merges_as_all_of_it(lm):
+    # With more targets than any layer holds, every kept entry after an evicted one is a target:
+    # the same as merge_tokens = the prompt's length, and as quick.
+    huge = within(60, lambda: cache_states(lm, unchecked_cam(HUGE)))
+    whole = cache_states(lm, POLICIES["cam"](budget=0.25, merge_tokens=N_PROMPT))
+    for got, expected in zip(huge, whole, strict=True):
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("value", [0, MAX_MERGE_TOKENS + 1, 100_000, 1.5, True])
+def test_cam_refuses_merge_tokens_outside_its_declared_range_naming_the_setting(value):
+    declared = {s.name: s for s in settings_of(POLICIES["cam"])}["merge_tokens"]
+    assert (declared.low, declared.high) == (1, MAX_MERGE_TOKENS)
+    with pytest.raises(ValueError, match=f"merge_tokens must be a whole number from 1 to {MAX_MERGE_TOKENS}"):
+        POLICIES["cam"](budget=0.2, merge_tokens=value)
+    assert POLICIES["cam"](budget=0.2, merge_tokens=MAX_MERGE_TOKENS).merge_tokens == MAX_MERGE_TOKENS
+
+
+def test_the_command_line_refuses_a_huge_merge_tokens_before_loading_a_model(capsys):
+    argv = ["compare", "--policies", "cam", "--set", "cam.merge_tokens=100000", "--prompt", "hi"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "merge_tokens" in err and f"from 1 to {MAX_MERGE_TOKENS}" in err and "Traceback" not in err

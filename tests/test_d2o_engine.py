@@ -1,6 +1,6 @@
 """D2O's token-level rules, checked through the cache as it runs on a tiny model.
 
-Every expectation here is written from ALGORITHMS.md, not read from the engine's plan:
+Every expectation here is written from docs/policies.md, not read from the engine's plan:
 budgets are `round(b * Lp)` and the recent window `round(recent_share * budget)` (Python's
 half-to-even `round`), prompt scores are column sums of an *eager* attention pass of an
 identical model, similarities are cosines computed here, and the merge threshold is an EMA
@@ -28,7 +28,7 @@ LAYERS, N_PROMPT, STEPS = 5, 48, 24
 PROMPT = [ord(c) for c in (TEXT * 2)[:N_PROMPT]]
 FEED = [ord(c) for c in (TEXT * 2)[N_PROMPT : N_PROMPT + STEPS]]
 VARIANTS = {
-    # beta, EMA statistic, decision shared by heads (ALGORITHMS.md's table)
+    # beta, EMA statistic, decision shared by heads (docs/policies.md's table)
     "paper": (0.7, "max", False),
     "official": (0.5, "mean", True),
 }

@@ -276,6 +276,23 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         assert page.inner_text("#status") == status
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0
         phase("stop")
+        # 6. Run with Advanced open and untouched but for an extra column (2 new tokens: the check is
+        # that it runs). Its blank fields ("blank: the variant's") stay blank once drawn: gr.Number drew
+        # them as 0, and Run refused with "Value 0 is less than minimum value 1."
+        page.get_by_text("Advanced", exact=True).click()
+        page.get_by_role("tab", name="D2O", exact=True).click()  # draws D2O's optional fields
+        for blank in ("#set-d2o-recent_share", "#set-d2o-beta", "#extra-0-budget"):
+            assert page.input_value(f"{blank} textarea") == "", blank
+        page.click("#extra-0 input")
+        page.get_by_role("option", name="D2O", exact=True).click()  # the checkboxes' titles
+        page.fill("#extra-0-settings textarea", "variant=official")
+        page.fill("#max-new input[type=number]", "2")
+        page.keyboard.press("Enter")
+        page.click("#run")
+        status_has(page, "Done: ", 60_000)
+        assert "D2O · variant=official · 20 %" in page.inner_text("#title-4")
+        assert page.locator(".toast-body").count() == 0  # no refusal, no error
+        phase("advanced")
         browser.close()
     # The target (<= 3 s on a quiet machine) is reported, not asserted: timings on a shared CPU are noise.
     # 25 s still tells a stored first view (no model work) from a live one (the passkey run alone takes

@@ -1,4 +1,4 @@
-"""ALGORITHMS.md's invariants, one test each, over the shared policy matrix (tiny random GQA models)."""
+"""docs/policies.md's invariants, one test each, over the shared policy matrix (tiny random GQA models)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import threading
 
 import pytest
 import torch
-from helpers import TEXT, held_positions, prefill_cache, slot_of, tiny_model, walk
+from helpers import TEXT, held_positions, one_step, prefill_cache, slot_of, tiny_model, walk
 
 import d2o_core
-from d2o_core import runner
 from d2o_core.policies import POLICIES
 
 # Every registry entry with its defaults (a new policy is tested without editing this file), plus the
@@ -159,7 +158,7 @@ def test_6_model_default_positions_match_after_eviction(tiny):
     policy = make("d2o", 0.2)
     *_, (_, cache, _) = walk(tiny, PROMPT, policy, 5, feed=PROMPT)
     a, b = cache.clone(), cache.clone()
-    explicit = runner._step(tiny, a, PROMPT[6], 6)
+    explicit = one_step(tiny, a, PROMPT[6], 6)
     with torch.no_grad(), d2o_core.capture.observing(b):
         implicit = tiny.model(
             input_ids=torch.tensor([[PROMPT[6]]]), past_key_values=b, use_cache=True
@@ -204,9 +203,7 @@ def test_layers_that_never_evict_grow_past_their_room_without_changing_anything(
     policy = make(name, 0.3, **kw)
     roomy = [logits for _, _, logits in walk(tiny, PROMPT, policy, 15)]
     cache, _ = prefill_cache(tiny, PROMPT, policy, extra=1)
-    tight = [
-        runner._step(tiny, cache, int(logits.argmax()), step) for step, logits in enumerate(roomy[:-1], 1)
-    ]
+    tight = [one_step(tiny, cache, int(logits.argmax()), step) for step, logits in enumerate(roomy[:-1], 1)]
     assert all(torch.equal(a, b) for a, b in zip(roomy[1:], tight))
     assert cache.kv.shape[2] > sum(layer.plan.budget or 0 for layer in cache.layers) + len(PROMPT) + 1
     *_, (_, reference, _) = walk(tiny, PROMPT, policy, 15)

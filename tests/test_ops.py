@@ -175,3 +175,16 @@ def test_apply_merge_folds_into_targets_and_leaves_others_bit_for_bit():
     torch.testing.assert_close(out, expected.to(torch.bfloat16))
     assert torch.equal(out[0, [0, 2, 3]], kept[0, [0, 2, 3]])  # target 2 absorbed only a dropped entry
     assert torch.equal(out[1, [1, 2]], kept[1, [1, 2]])
+
+
+def test_the_prompt_pass_gives_sdpas_output_and_the_column_sums_at_once():
+    torch.manual_seed(3)
+    query, key, value = torch.randn(1, 6, 300, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    out, col = ops.prompt_attention(query, key, value, 0.25)
+    expanded = [t.repeat_interleave(3, dim=1) for t in (key, value)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(query, *expanded, is_causal=True, scale=0.25)
+    torch.testing.assert_close(out, sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    probs = torch.softmax((query @ expanded[0].transpose(-1, -2) * 0.25).masked_fill(
+        torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf")), dim=-1)  # fmt: skip
+    torch.testing.assert_close(col, probs[0].sum(dim=1), rtol=1e-5, atol=1e-4)
+    assert ops.prompt_attention(query, key, None, 0.25)[0] is None

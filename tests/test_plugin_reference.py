@@ -2,7 +2,7 @@
 
 Like `test_reference.py`: the reference keeps every key in a plain transformers cache, hides evicted
 ones with a per-layer, per-kv-head mask in its own attention function, and scores entries from the
-full probability matrix or the raw keys, written here from ALGORITHMS.md ("More policies") and the
+full probability matrix or the raw keys, written here from docs/policies.md and the
 papers, sharing no code with the engine (no `ops`, no slot storage). Budgets are computed here too.
 The engine must keep the same positions after the prompt and after every decode step.
 """
@@ -14,14 +14,25 @@ import torch
 from helpers import held_positions, prefill_cache, walk
 from transformers import AttentionInterface, DynamicCache
 
-from d2o_core import POLICIES
+from d2o_core import POLICIES, engine
 from d2o_core.cache import PolicyCache, PrefillCache
 from d2o_core.events import EventLog
+from d2o_core.policies import Scoring
 
 # Distinct tokens: a repeated token has the same first-layer key up to rotation, so the same norm, and
 # key-based scores would tie (the engine breaks ties by slot, a reference by position).
 IDS = list(range(33, 81))
 FEED = list(range(81, 105))
+
+
+def layer_mean(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[Hq, ...] -> [Hkv, ...]: the mean over ALL query heads of the layer, the same for every kv-head."""
+    return x.mean(dim=0, keepdim=True).expand(n_kv, *x.shape[1:])
+
+
+def group_sum(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[Hq, ...] -> [Hkv, ...]: the sum over the query heads of each kv-head group."""
+    return x.reshape(n_kv, -1, *x.shape[1:]).sum(dim=1)
 
 
 def group_mean(x: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -40,7 +51,7 @@ def pool(row: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 def pyramid_budgets(n_prompt: int, n_layers: int, budget: float, window: int, beta: float) -> list[int]:
-    """PyramidKV's per-layer entries (window included), from ALGORITHMS.md's formula."""
+    """PyramidKV's per-layer entries (window included), from docs/policies.md's formula."""
     cap = window + n_prompt * budget
     low = (cap - window) / beta
     high = 2 * (cap - window) - low
@@ -55,7 +66,7 @@ class PaperReference:
 
     def __init__(self, name: str, settings: dict, budgets: list[int], n_prompt: int):
         self.name, self.settings, self.budgets, self.n_prompt = name, settings, budgets, n_prompt
-        self.keep, self.score = {}, {}
+        self.keep, self.score, self.acc = {}, {}, {}
 
     # -- what each paper protects and how it scores --------------------------------------------
     def protected(self, layer: int, total: int, prefill: bool) -> torch.Tensor:
@@ -68,11 +79,14 @@ class PaperReference:
         sinks = self.settings.get("n_sink", 0)
         return (pos < sinks) | (pos >= total - recent)
 
-    def prompt_scores(self, probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[Hkv, L] from the prompt's [Hq, L, L] probabilities or its [Hkv, L, D] keys."""
+    def prompt_scores(self, probs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """[Hkv, L] from the prompt's [Hq, L, L] probabilities or its [Hkv, L, D] keys and values."""
         n_kv, length = keys.shape[0], keys.shape[1]
         if self.name == "tova":
-            return group_mean(probs[:, -1, :], n_kv)  # the last prompt query's attention
+            return layer_mean(probs[:, -1, :], n_kv)  # the last prompt query, over all heads of the layer
+        if self.name == "vatp":
+            self.acc[self.layer] = group_sum(probs.sum(dim=1), n_kv)  # H2O's accumulated attention
+            return self.acc[self.layer] * values.double().abs().sum(-1)
         if self.name in ("snapkv", "pyramidkv"):
             w, k = self.settings["window"], self.settings.get("kernel", 5)
             mean = probs[:, length - w :, :].mean(dim=1)  # [Hq, L]: the window's queries
@@ -104,19 +118,20 @@ class PaperReference:
             visible &= grown.repeat_interleave(n_rep, 0)[:, None, :]
         probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
         out = (probs.to(v.dtype) @ v).transpose(0, 1)[None]
+        self.layer = layer
         if prefill:
-            self._compress(layer, probs, key[0], total)
+            self._compress(layer, probs, key[0], value[0], total)
         else:
             self.keep[layer] = grown
-            self._evict_one(layer, probs, key[0], total)
+            self._evict_one(layer, probs, key[0], value[0], total)
         return out, None
 
-    def _compress(self, layer, probs, keys, total):
+    def _compress(self, layer, probs, keys, values, total):
         n_kv, budget = keys.shape[0], self.budgets[layer]
         self.keep[layer] = torch.ones(n_kv, total, dtype=torch.bool)
         if budget is None:
             return
-        scores = self.score[layer] = self.prompt_scores(probs, keys)
+        scores = self.score[layer] = self.prompt_scores(probs, keys, values)
         if budget >= total:
             return
         rank = scores.masked_fill(self.protected(layer, total, True), float("inf"))
@@ -124,13 +139,17 @@ class PaperReference:
         keep.scatter_(1, rank.topk(budget, dim=-1).indices, True)
         self.keep[layer] = keep
 
-    def _evict_one(self, layer, probs, keys, total):
+    def _evict_one(self, layer, probs, keys, values, total):
         budget, keep = self.budgets[layer], self.keep[layer]
         if budget is None:
             return
         n_kv = keep.shape[0]
         if self.name == "tova":
-            scores = group_mean(probs[:, 0, :], n_kv)  # replaced by the newest query's attention
+            scores = layer_mean(probs[:, 0, :], n_kv)  # replaced by the newest query's attention
+        elif self.name == "vatp":
+            grown = torch.cat([self.acc[layer], torch.zeros(n_kv, 1, dtype=self.acc[layer].dtype)], dim=1)
+            self.acc[layer] = grown + group_sum(probs[:, 0, :], n_kv)
+            scores = self.acc[layer] * values.double().abs().sum(-1)
         elif self.name in ("snapkv", "pyramidkv"):
             scores = torch.cat(
                 [self.score[layer], torch.full((n_kv, 1), float(total))], dim=1
@@ -172,10 +191,14 @@ CASES = [
     ("snapkv", {"window": 8, "kernel": 3}),
     ("snapkv", {"window": 5, "kernel": 5, "n_sink": 0}),
     ("pyramidkv", {"window": 6, "kernel": 3}),
-    ("keydiff", {}),
+    ("keydiff", {"recent_share": 0.1}),  # the defaults
+    ("keydiff", {"recent_share": 0.0}),  # the papers' (no window)
     ("keydiff", {"n_sink": 2, "recent_share": 0.25}),
-    ("knorm", {}),
+    ("knorm", {"recent_share": 0.1}),
+    ("knorm", {"recent_share": 0.0}),
     ("knorm", {"recent_share": 0.5}),
+    ("vatp", {"n_sink": 4, "recent_share": 0.5}),
+    ("vatp", {"n_sink": 1, "recent_share": 0.25}),
 ]
 
 
@@ -232,10 +255,9 @@ def test_bad_settings_get_a_sentence(name, settings, message):
 
 
 def test_a_prefill_without_the_window_queries_says_how_to_build_one(tiny):
-    from d2o_core import runner
 
     prefill = PrefillCache(tiny.n_layers, record=True, queries=2)
-    runner._prefill(tiny, prefill, IDS)
+    engine.prefill(tiny, prefill, IDS)
     with pytest.raises(ValueError, match="prefill_needs"):
         PolicyCache.from_prefill(prefill, POLICIES["snapkv"](budget=0.3, window=8), 1, EventLog())
 
@@ -243,6 +265,6 @@ def test_a_prefill_without_the_window_queries_says_how_to_build_one(tiny):
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_says_where_it_comes_from(name):
     cls = POLICIES[name]
-    assert cls.score_source in ("none", "accumulated", "latest", "window", "key")
+    assert isinstance(cls().scoring(), Scoring)
     if name != "full":
         assert "https://" in cls.description and "\n" not in cls.description

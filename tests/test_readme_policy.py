@@ -1,4 +1,4 @@
-"""The README's "Write your own policy" example runs as printed (on a tiny model)."""
+"""The README's "Write your own policy" example runs as printed (on a tiny model) and keeps by value norm."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TEXT, held_positions, walk
 
 import d2o_core
@@ -22,23 +23,36 @@ def example_code() -> str:
 
 def test_the_readme_example_policy_runs_and_evicts_by_its_own_scores(tiny, monkeypatch):
     monkeypatch.setattr(d2o_core, "load_model", lambda *a, **k: tiny)
-    monkeypatch.setitem(POLICIES, "peakkey", None)  # the example registers itself; undone after the test
+    monkeypatch.setitem(POLICIES, "valuenorm", None)  # the example registers itself; undone after the test
     namespace: dict = {}
     # dont_inherit: run it as a file would, without this module's `from __future__ import annotations`.
     exec(compile(example_code(), str(README), "exec", dont_inherit=True), namespace)
-    PeakKey = namespace["PeakKey"]
-    assert POLICIES["peakkey"] is PeakKey
-    policy = PeakKey(budget=0.3)
+    ValueNorm = namespace["ValueNorm"]
+    assert POLICIES["valuenorm"] is ValueNorm
+    policy = ValueNorm(budget=0.3)
     ids = [ord(c) for c in TEXT[:40]]
-    for _, cache, _ in walk(tiny, ids, policy, 8):
+    with torch.no_grad():  # the prompt's values, read independently of the engine
+        values = [
+            layer.values[0]
+            for layer in tiny.model(torch.tensor([ids]), use_cache=True).past_key_values.layers
+        ]
+    for step, cache, _ in walk(tiny, ids, policy, 8):
         for layer in cache.layers:
             budget = layer.plan.budget
-            for row in held_positions(layer):
+            for h, row in enumerate(held_positions(layer)):
                 assert len(row) <= budget and {0, 1} <= set(row)  # two sinks
+                if step > 0:
+                    continue
+                # The prompt: besides the sinks and the recent window, the largest values stay.
+                norms = values[layer.index][h].float().norm(dim=-1)
+                free = range(2, len(ids) - layer.plan.n_recent)
+                kept = [p for p in free if p in row]
+                dropped = [p for p in free if p not in row]
+                assert kept and dropped and min(norms[kept]) > max(norms[dropped])
     with pytest.raises(ValueError, match="n_sink"):
-        PeakKey(n_sink=-1)
+        ValueNorm(n_sink=-1)
     # Its settings reach the page's Advanced controls: help and range inherited or declared.
-    specs = {s.name: s for s in settings_of(PeakKey)}
+    specs = {s.name: s for s in settings_of(ValueNorm)}
     assert (
         specs["n_sink"].default == 2
         and specs["n_sink"].high == 16

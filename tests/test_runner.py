@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from helpers import TEXT, policy_cache, shared_prefill, tiny_model
+from helpers import TEXT, one_step, policy_cache, shared_prefill, tiny_model
 
 import d2o_core
-from d2o_core import POLICIES, metrics, runner
+from d2o_core import POLICIES, metrics
 from d2o_core.events import (
     DRIFT_SCHEMA,
     EVENTS_SCHEMA,
@@ -132,8 +132,8 @@ def brute_force_drift(lm, ids, policy, ref_tokens):
     mine = policy_cache(prefill, policy, len(ref_tokens))
     rows = []
     for step in range(1, len(ref_tokens)):
-        a = torch.log_softmax(runner._step(lm, full, ref_tokens[step - 1], step).float(), -1)
-        b = torch.log_softmax(runner._step(lm, mine, ref_tokens[step - 1], step).float(), -1)
+        a = torch.log_softmax(one_step(lm, full, ref_tokens[step - 1], step).float(), -1)
+        b = torch.log_softmax(one_step(lm, mine, ref_tokens[step - 1], step).float(), -1)
         rows.append((step, *metrics.step_fidelity(a, b, ref_tokens[step])))
     return metrics.drift_frame(rows)
 
@@ -275,7 +275,7 @@ def test_caches_are_freed_as_soon_as_a_run_ends(tiny):
     gc.disable()
     try:
         cache = policy_cache(prefill, POLICIES["d2o"](budget=0.3), 4)
-        runner._step(tiny, cache, 65, 1)
+        one_step(tiny, cache, 65, 1)
         fork = cache.clone()
         alive = [weakref.ref(cache), weakref.ref(fork), weakref.ref(cache.layers[0])]
         del cache, fork

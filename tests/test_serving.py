@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import TEXT, held_positions, tiny_model
+from helpers import TEXT, held_positions, one_step, tiny_model
 
 import d2o_core
-from d2o_core import POLICIES, runner, serving
+from d2o_core import POLICIES, engine, serving
 from d2o_core.batching import RaggedBatch, StackedBatch, can_stack
+from d2o_core.policies.scoring import FromKeys
 
 # Rows of different lengths, so a stacked layer holds different entry counts per row (padding).
 PROMPTS = [TEXT[i : i + 40 + 3 * i] for i in range(0, 60, 6)]
@@ -47,13 +48,13 @@ def test_a_stacked_batch_keeps_what_each_row_keeps_alone_and_its_logits_differ_o
     another order than B=1 (~1e-5 on these logits); the kept entries are the same at every step."""
     policy = POLICIES[name](budget=0.25, **kw)
     prompts, feed = PROMPTS[:5], [ord(c) for c in TEXT[100:108]]
-    if policy.score_source == "key":
+    if isinstance(policy.scoring(), FromKeys):
         # A repeated token's first-layer keys differ only by rotation, so their norms tie exactly and
         # last-bit rounding decides which leaves; these rows repeat no token, so nothing ties.
         prompts = [list(range(20, 20 + min(len(p), 100))) for p in prompts]
         feed = list(range(1, 9))
     rows = lambda: [  # noqa: E731
-        serving._admit(tiny, i, runner.encode(tiny, p, False), policy, 30, 0.0, 0)[0].cache
+        serving.admit(tiny, i, engine.encode(tiny, p, False), policy, 30, 0.0, 0)[0].cache
         for i, p in enumerate(prompts)
     ]
     stacked, alone = rows(), rows()
@@ -62,8 +63,8 @@ def test_a_stacked_batch_keeps_what_each_row_keeps_alone_and_its_logits_differ_o
     batch = StackedBatch(stacked) if can_stack(stacked) else RaggedBatch(stacked)
     assert can_stack(stacked) or name in ("snapkv", "pyramidkv")
     for step, token in enumerate(feed):
-        together = runner._decode(tiny, batch, [token] * len(stacked), step + 1)
-        apart = torch.stack([runner._step(tiny, cache, token, step + 1) for cache in alone])
+        together = engine.decode_step(tiny, batch, [token] * len(stacked), step + 1)
+        apart = torch.stack([one_step(tiny, cache, token, step + 1) for cache in alone])
         torch.testing.assert_close(together, apart, rtol=0, atol=1e-4)
         assert [held(c) for c in stacked] == [held(c) for c in alone], step
 
@@ -95,6 +96,16 @@ def test_default_cap_is_one_full_row_and_compressed_rows_fit_several(tiny):
         tiny, same, POLICIES["d2o"](budget=0.2, variant="official"), max_new_tokens=new, chat=False
     )
     assert official.metrics["batch"] < h2o.metrics["batch"]  # three of four layers stay whole
+
+
+def test_a_row_that_does_not_fit_its_wave_keeps_its_prefill_for_the_next(tiny, monkeypatch):
+    calls = []
+    monkeypatch.setattr(serving, "prefill", lambda *a: calls.append(1) or engine.prefill(*a))
+    cap = serving.full_cache_mb(tiny, max(len(p) for p in PROMPTS), 6)  # one full row per wave
+    out = d2o_core.serve_batch(
+        tiny, PROMPTS[:4], POLICIES["full"](), max_new_tokens=6, kv_cap_mb=cap, chat=False
+    )
+    assert len(out.waves) >= 3 and len(calls) == 4  # one prefill per prompt, however many waves
 
 
 @pytest.mark.parametrize("name", ["full", "h2o", "d2o"])
@@ -151,15 +162,15 @@ def test_release_gives_rows_their_own_storage_back():
     lm = tiny_model()
     policy = POLICIES["h2o"](budget=0.3)
     caches = [
-        serving._admit(lm, i, runner.encode(lm, p, False), policy, 8, 0.0, 0)[0].cache
+        serving.admit(lm, i, engine.encode(lm, p, False), policy, 8, 0.0, 0)[0].cache
         for i, p in enumerate(PROMPTS[:2])
     ]
     batch = StackedBatch(caches)
-    runner._decode(lm, batch, [65, 66], 1)
+    engine.decode_step(lm, batch, [65, 66], 1)
     batch.release()
     assert all(not c.stacked and c.kv.is_contiguous() for c in caches)
     before = held(caches[0])
-    runner._step(lm, caches[0], 67, 2)  # a released row decodes on its own
+    one_step(lm, caches[0], 67, 2)  # a released row decodes on its own
     assert held(caches[0]) != before
 
 

@@ -27,9 +27,10 @@ from d2o_core.shape_models import NOTICE
 
 from . import figures
 from .engine import Engine, gpu
-from .errors import page_errors
+from .errors import page_errors, refused_in_status
 from .policy_controls import MAX_COLUMNS, Columns
 from .run_figures import attention_figure, budget_figure, drift_figure, kept_figure
+from .safe_text import markdown_text
 
 log = logging.getLogger(__name__)
 SLOTS = range(MAX_COLUMNS)
@@ -61,11 +62,14 @@ class Sampling:
 
 
 def column_title(label: str, settings: dict) -> str:
-    """'d2o(variant=official)@40%' -> '### D2O · variant=official · 40 %' (the budget always shown)."""
-    name = settings.get("policy", label)
-    title = POLICIES[name].title if name in POLICIES else name
+    """'d2o(variant=official)@40%' -> '### D2O · variant=official · 40 %' (the budget always shown).
+
+    The label and settings may come from a run file: what they say is shown as text (`safe_text`).
+    """
+    name = str(settings.get("policy", label))
+    title = POLICIES[name].title if name in POLICIES else markdown_text(name)
     rest = label.split("@")[0][len(name) :].strip("()")
-    parts = [title, *([rest.replace(",", ", ")] if rest else [])]
+    parts = [title, *([markdown_text(rest.replace(",", ", "))] if rest else [])]
     if name != "full" and isinstance(settings.get("budget"), (int, float)):
         parts.append(f"{100 * settings['budget']:g} %")
     return "### " + " · ".join(parts)
@@ -89,10 +93,14 @@ def run_comparison(
 
     columns : what to run, or a function that reads it from the page's controls (called inside the
     page's error handling, so a bad setting becomes a sentence).
+
+    Bad input ends the stream with its sentence in the status line ("Not run: ...") and a warning
+    toast; an unexpected failure raises a `gr.Error` (see `errors.py`).
     """
     try:
         with page_errors("Generation"):
-            yield from _run(engine, prompt, columns, max_new_tokens, model, sampling or Sampling())
+            run = _run(engine, prompt, columns, max_new_tokens, model, sampling or Sampling())
+            yield from refused_in_status(run, "status")
     except GeneratorExit:  # Gradio closes the generator on Stop (and when the page goes away)
         log.info("Generation stopped before the end (Stop, or the page was closed).")
         raise
@@ -102,7 +110,7 @@ def run_ended(status: str | None):
     """The status once a comparison's event has ended, however it ended (wired with Gradio's `.then`).
 
     A run cut short by Stop still shows an in-progress line: say that it stopped, and where. A finished
-    run ("Done: ...") and a request refused before it started (an earlier line) stay as they are.
+    run ("Done: ...") and a refused request ("Not run: ...", or an earlier line) stay as they are.
     """
     status = status or ""
     if status.startswith("Generating"):
@@ -139,7 +147,8 @@ def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Samp
             n_prompt = next(iter(update.results.values())).metrics["prompt_tokens"]
             status = (
                 f"Done: {n_prompt} prompt tokens read once, then {len(update.results)} columns decoded "
-                f"together as one batch (model {lm.name})." + (f" Note: {NOTICE}" if lm.shape_only else "")
+                f"together as one batch (model {markdown_text(lm.name)})."
+                + (f" Note: {NOTICE}" if lm.shape_only else "")
             )
             meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": int(max_new_tokens)}
             yield results_page(update.results, status, meta)

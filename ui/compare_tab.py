@@ -53,8 +53,9 @@ def _controls(engine: Engine, first: dict) -> dict:
         c["advanced"] = P.advanced_controls()
         c["extras"] = P.extra_columns()
         with gr.Row():
+            # A whole maximum: the slider's end label is a few characters wide, and "1.5" showed as "1.".
             c["temperature"] = gr.Slider(
-                0, 1.5, 0, step=0.05, label="Temperature", info=SAMPLING_HELP["temperature"]
+                0, 2, 0, step=0.1, label="Temperature", info=SAMPLING_HELP["temperature"]
             )
             c["seed"] = gr.Number(0, precision=0, label="Seed", info=SAMPLING_HELP["seed"])
             c["chat"] = gr.Checkbox(True, label="Chat template", info=SAMPLING_HELP["chat"])
@@ -183,7 +184,8 @@ def _wire_run(engine: Engine, c: dict, prompt, max_new, outputs: dict) -> None:
             settings = P.settings_from_values(list(values[:n_advanced]))
             return P.Columns(picked, budget, settings, P.extras_from_values(list(values[n_advanced:])))
 
-        sampling = C.Sampling(temperature, seed, chat)
+        # A cleared seed box sends None: blank means the default seed, as elsewhere on the page.
+        sampling = C.Sampling(temperature, 0 if seed is None else seed, chat)
         yield from C.run_comparison(engine, prompt, columns, max_new, model, sampling)
 
     inputs = [prompt, c["picked"], c["budget"], max_new, c["model"], c["temperature"], c["seed"], c["chat"]]

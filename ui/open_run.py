@@ -14,6 +14,7 @@ from d2o_core.runfile import load_run
 
 from .compare_run import results_page
 from .errors import page_errors
+from .safe_text import markdown_text
 
 
 def open_run(path: str | Path | None) -> dict:
@@ -26,10 +27,12 @@ def open_run(path: str | Path | None) -> dict:
         if not results:
             raise ValueError("This run file holds no policy results, so there is nothing to show.")
         first = next(iter(results.values())).metrics
-        saved = f", saved {meta['created']}" if meta.get("created") else ""
+        # The file's name and every string in it are the file's own words: shown as text, never markup.
+        model = markdown_text(meta.get("model") or first.get("model", "unknown"))
+        saved = f", saved {markdown_text(meta['created'])}" if meta.get("created") else ""
         status = (
-            f"Opened {path.name}: {len(results)} columns on a prompt of {first['prompt_tokens']} tokens "
-            f"(model {meta.get('model') or first.get('model', 'unknown')}{saved}). Nothing was generated."
+            f"Opened {markdown_text(path.name)}: {len(results)} columns on a prompt of "
+            f"{first['prompt_tokens']} tokens (model {model}{saved}). Nothing was generated."
         )
         page = results_page(results, status, dict(meta))
         return page | ({"prompt": meta["prompt"]} if isinstance(meta.get("prompt"), str) else {})

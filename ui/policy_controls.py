@@ -30,13 +30,13 @@ NAMES = list(POLICIES)
 
 
 def parse_layers(text: str, name: str = "protected_layers") -> tuple[int, ...]:
-    """'0, 1, -1' -> (0, 1, -1); ValueError with a sentence otherwise."""
+    """'0, 1, -1' -> (0, 1, -1); ValueError with a sentence naming the field otherwise."""
     parts = [p.strip() for p in str(text or "").replace(";", ",").split(",") if p.strip()]
     try:
         return tuple(int(p) for p in parts)
     except ValueError:
         raise ValueError(
-            f"{name} must be whole numbers separated by commas (0, 1, -1); got {text!r}."
+            f"{name}: must be whole numbers separated by commas (0, 1, -1); got {text!r}."
         ) from None
 
 
@@ -44,13 +44,21 @@ def _blank(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
+def field_name(policy: str, s: Setting) -> str:
+    """How the page names a setting's control: its policy's tab, then its label ("D2O · recent share")."""
+    return f"{POLICIES[policy].title} · {s.name.replace('_', ' ')}"
+
+
 def convert(policy: str, s: Setting, value):
-    """A control's (or typed) value as the setting's type; None when blank and the setting allows it."""
-    where = f"{POLICIES[policy].title} {s.name}"
+    """A control's (or typed) value as the setting's type; None when blank and the setting allows it.
+
+    Bounds are checked here, not by Gradio's `minimum`/`maximum`: Gradio's refusal names no field.
+    """
+    where = field_name(policy, s)
     if _blank(value):
         if s.optional:
             return None
-        raise ValueError(f"{where} needs a value ({s.help}).")
+        raise ValueError(f"{where}: needs a value ({s.help}).")
     if s.kind == "bool":
         if isinstance(value, bool):
             return value
@@ -59,21 +67,38 @@ def convert(policy: str, s: Setting, value):
             return True
         if text in ("false", "off", "no", "0"):
             return False
-        raise ValueError(f"{where} is true or false; got {value!r}.")
+        raise ValueError(f"{where}: must be true or false; got {value!r}.")
     if s.kind == "layers":
         return parse_layers(value, where) if isinstance(value, str) else tuple(value)
     if s.kind == "choice":
         if str(value) not in s.choices:
-            raise ValueError(f"{where} is one of {', '.join(s.choices)}; got {value!r}.")
+            raise ValueError(f"{where}: must be one of {', '.join(s.choices)}; got {value!r}.")
         return str(value)
+    return in_range(where, _number(where, s.kind == "int", value), s.low, s.high)
+
+
+def _number(where: str, whole: bool, value) -> float | int:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{where} must be a number; got {value!r}.") from None
-    if s.kind == "int":
+        raise ValueError(f"{where}: must be a number; got {value!r}.") from None
+    if not math.isfinite(number):  # "nan" would pass every bound check below
+        raise ValueError(f"{where}: must be a number; got {value!r}.")
+    if whole:
         if not number.is_integer():
-            raise ValueError(f"{where} must be a whole number; got {value!r}.")
+            raise ValueError(f"{where}: must be a whole number; got {value!r}.")
         return int(number)
+    return number
+
+
+def in_range(where: str, number: float | int, low: float | None, high: float | None) -> float | int:
+    """`number` when within [low, high] (None: unbounded); ValueError naming the field otherwise."""
+    if (low is not None and number < low) or (high is not None and number > high):
+        if low is not None and high is not None:
+            bounds = f"between {low:g} and {high:g}"
+        else:
+            bounds = f"at least {low:g}" if low is not None else f"at most {high:g}"
+        raise ValueError(f"{where}: must be {bounds}; got {number:g}.")
     return number
 
 
@@ -128,17 +153,26 @@ class Columns:
         unknown = sorted(set(self.picked or []) - set(NAMES))
         if unknown:
             raise ValueError(f"Unknown policy {', '.join(unknown)}; choose from {', '.join(NAMES)}.")
-        main = _budget(self.budget_percent)
-        out = [build(n, main, **self.settings.get(n, {})) for n in NAMES if n in (self.picked or [])]
-        for name, budget, text in self.extras:
+        main = _budget(self.budget_percent, "KV budget")
+        out = [
+            _build(n, main, self.settings.get(n, {}), POLICIES[n].title)
+            for n in NAMES
+            if n in (self.picked or [])
+        ]
+        for i, (name, budget, text) in enumerate(self.extras, 1):
             if _blank(name):
                 continue
             if name not in POLICIES:
                 raise ValueError(
-                    f"Unknown policy {name!r} in an extra column; choose from {', '.join(NAMES)}."
+                    f"Unknown policy {name!r} in extra column {i}; choose from {', '.join(NAMES)}."
                 )
-            given = self.settings.get(name, {}) | parse_overrides(name, text)
-            out.append(build(name, main if _blank(budget) else _budget(budget), **given))
+            where = f"Extra column {i} ({POLICIES[name].title})"
+            try:
+                given = self.settings.get(name, {}) | parse_overrides(name, text)
+            except ValueError as exc:
+                raise ValueError(f"{where} · settings: {exc}") from None
+            share = main if _blank(budget) else _budget(budget, f"{where} · budget %")
+            out.append(_build(name, share, given, where))
         if not out:
             raise ValueError("No policy selected: tick at least one cache policy or fill an extra column.")
         if limit is not None and len(out) > limit:
@@ -146,13 +180,22 @@ class Columns:
         return out
 
 
-def _budget(percent) -> float:
+def _build(name: str, budget: float, settings: dict, where: str):
+    """`build`, its refusal prefixed with the column it is about (the policy's own says only the setting)."""
+    try:
+        return build(name, budget, **settings)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _budget(percent, where: str) -> float:
+    """A budget % typed or slid on the page -> a fraction; ValueError naming the field `where`."""
     try:
         value = float(percent)
     except (TypeError, ValueError):
-        raise ValueError(f"A budget is a percentage from 1 to 100; got {percent!r}.") from None
-    if not 1 <= value <= 100:
-        raise ValueError(f"A budget is a percentage from 1 to 100; got {value:g}.")
+        raise ValueError(f"{where}: must be a percentage from 1 to 100; got {percent!r}.") from None
+    if not 1 <= value <= 100:  # also refuses nan
+        raise ValueError(f"{where}: must be a percentage from 1 to 100; got {value:g}.")
     return value / 100
 
 
@@ -167,8 +210,14 @@ def _control(policy: str, s: Setting) -> gr.components.Component:
     if s.kind == "layers":
         text = "" if default is None else ", ".join(str(i) for i in default)
         return gr.Textbox(text, label=label, info=s.help, placeholder="blank", elem_id=elem_id)
-    if s.optional or s.low is None or s.high is None:
-        return gr.Number(default, label=label, info=s.help, minimum=s.low, maximum=s.high, elem_id=elem_id)
+    if s.optional:
+        # A textbox, not gr.Number: Gradio's Number shows and sends 0 for None once it is drawn
+        # (its page code sets `value ??= 0`), so "blank: the variant's" could not stay blank.
+        text = "" if default is None else f"{default:g}"
+        return gr.Textbox(text, label=label, info=s.help, placeholder="blank", elem_id=elem_id)
+    if s.low is None or s.high is None:
+        # No minimum/maximum for Gradio to check: `convert` checks the bounds and names the field.
+        return gr.Number(default, label=label, info=s.help, elem_id=elem_id)
     step = s.step or (1 if s.kind == "int" else 0.01)
     return gr.Slider(s.low, s.high, default, step=step, label=label, info=s.help, elem_id=elem_id)
 
@@ -195,13 +244,28 @@ def extra_columns() -> list[gr.components.Component]:
         "Extra columns: the same policy again with other settings or another budget, e.g. D2O with "
         "`variant=official`, or D2O at 40 %."
     )
+    # The same titles as the policy checkboxes; the values stay the registry names.
+    choices = [("none", ""), *((POLICIES[n].title, n) for n in NAMES)]
     for i in range(EXTRA):
         with gr.Row(equal_height=True):
+            out.append(gr.Dropdown(choices, value="", label=f"Extra column {i + 1}", elem_id=f"extra-{i}"))
+            # A textbox for the same reason as optional settings: a blank gr.Number becomes 0.
             out.append(
-                gr.Dropdown(["", *NAMES], value="", label=f"Extra column {i + 1}", elem_id=f"extra-{i}")
+                gr.Textbox(
+                    "",
+                    label="Budget %",
+                    placeholder="blank: the main budget",
+                    elem_id=f"extra-{i}-budget",
+                )
             )
-            out.append(gr.Number(None, label="Budget % (blank: main)", minimum=1, maximum=100))
-            out.append(gr.Textbox("", label="Settings", placeholder="e.g. variant=official, merge=false"))
+            out.append(
+                gr.Textbox(
+                    "",
+                    label="Settings",
+                    placeholder="e.g. variant=official, merge=false",
+                    elem_id=f"extra-{i}-settings",
+                )
+            )
     return out
 
 

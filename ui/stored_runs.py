@@ -26,6 +26,7 @@ from d2o_core.runfile import load_run, save_run
 from .compare_run import Sampling, results_page, run_comparison
 from .engine import Engine
 from .policy_controls import DEFAULT_PICKED, Columns
+from .safe_text import markdown_text
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 RUNS = ASSETS / "runs"
@@ -84,9 +85,10 @@ def example_page(name: str) -> dict | None:
     if stored is None:
         return None
     results, meta = stored
-    model = meta.get("model") or "unknown"
+    model = markdown_text(meta.get("model") or "unknown")
+    budget = markdown_text(meta.get("budget_percent", "?"))
     status = (
-        f"Stored run of the example “{name}” (model {model}, budget {meta.get('budget_percent', '?')} %), "
+        f"Stored run of the example “{markdown_text(name)}” (model {model}, budget {budget} %), "
         "shown at once; press Run again to compute it live with your settings."
     )
     page = results_page(results, status, dict(meta))

@@ -27,6 +27,7 @@ from d2o_core.run_summary import jsonable
 from .engine import Engine, gpu
 from .errors import page_errors
 from .figures import throughput as TF
+from .safe_text import markdown_text
 from .wiring import PROGRESS, wire
 
 STORED = Path(__file__).resolve().parent.parent / "assets" / "throughput.json"
@@ -66,13 +67,15 @@ def load_stored(path: Path | str = STORED) -> tuple[dict | None, str]:
 
 
 def _source(doc: dict, what: str) -> str:
-    m = doc.get("machine") or {}
-    when = f", measured {doc['date']}" if doc.get("date") else ""
+    # The document's words are shown as text (ui/safe_text.py), whoever wrote the file.
+    m = {k: markdown_text(v) for k, v in (doc.get("machine") or {}).items()}
+    said = {k: markdown_text(doc.get(k, "?")) for k in ("date", "prompt_tokens", "new_tokens")}
+    when = f", measured {said['date']}" if doc.get("date") else ""
     budget, cap = float(doc.get("budget", float("nan"))), float(doc.get("kv_mb_cap", float("nan")))
     return (
         f"{what}{when}: {m.get('model', 'unknown model')} on {m.get('cpu', 'an unrecorded machine')} "
-        f"({m.get('device', '?')}), {doc.get('prompt_tokens', '?')} prompt tokens per row, "
-        f"{doc.get('new_tokens', '?')} new tokens, budget {100 * budget:g} %, KV cap {cap:.1f} MB per batch."
+        f"({m.get('device', '?')}), {said['prompt_tokens']} prompt tokens per row, "
+        f"{said['new_tokens']} new tokens, budget {100 * budget:g} %, KV cap {cap:.1f} MB per batch."
     )
 
 
@@ -85,16 +88,17 @@ def explain(doc: dict) -> str:
         return GENERIC
     best = max(others, key=lambda r: (r["batch"], r["policy"] == "d2o", r["policy"].startswith("d2o")))
     smaller = full["kv_mb_row"] / best["kv_mb_row"]
+    policy, batch, full_batch = (markdown_text(v) for v in (best["policy"], best["batch"], full["batch"]))
     text = (
-        f"Same KV memory for every policy ({full['kv_mb_cap']:.1f} MB): a {best['policy']} row needs "
+        f"Same KV memory for every policy ({full['kv_mb_cap']:.1f} MB): a {policy} row needs "
         f"{best['kv_mb_row']:.1f} MB against {full['kv_mb_row']:.1f} MB for a full-cache row "
-        f"(~{smaller:.1f}x smaller), so {best['batch']} of its rows fit where {full['batch']} full-cache "
+        f"(~{smaller:.1f}x smaller), so {batch} of its rows fit where {full_batch} full-cache "
         f"row{'s' if full['batch'] != 1 else ''} did. A batch reads the weights once per step, so "
         "tokens per second grow with the batch. One sequence alone is not faster"
     )
     alone, full_alone = best.get("single_tokens_per_second"), full.get("single_tokens_per_second")
     if alone and full_alone:
-        text += f" ({best['policy']} alone: {alone:.1f} tokens/s, the full cache alone: {full_alone:.1f})"
+        text += f" ({policy} alone: {alone:.1f} tokens/s, the full cache alone: {full_alone:.1f})"
     text += "."
     if any("official" in label for label in cap):
         text += " D2O's official reading keeps three layers whole, so fewer of its rows fit."
@@ -106,8 +110,9 @@ def view(doc: dict | None, sentence: str) -> dict:
     df = pd.DataFrame((doc or {}).get("rows") or [])
     lines = throughput_tables.ratio_lines(doc) if doc else []
     table = throughput_tables.table(doc) if doc else pd.DataFrame()
+    bullets = "".join(f"\n- {markdown_text(line)}" for line in lines)
     return {
-        "tp_status": sentence + ("\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""),
+        "tp_status": sentence + ("\n" + bullets if lines else ""),
         "tp_bars": TF.cap_bars(df),
         "tp_lines": TF.tokens_vs_batch(df),
         "tp_explain": explain(doc) if doc else GENERIC,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from .. import runner, serving
+from .. import engine, serving
 from ..batching import StackedBatch
 from ..models import LoadedModel, load_model
 from ..policies import build
@@ -40,7 +40,7 @@ def _timed(fn: Callable, *args, **kwargs) -> float:
 def policy_steps(lm: LoadedModel, policy, prompts: list[str], steps: int) -> tuple[float, float, int]:
     """Median seconds of a decode step for all rows stacked and for the first row alone, and its entries."""
     rows = [
-        serving._admit(lm, i, runner.encode(lm, p, True), policy, 2 * steps + 4, 0.0, 0)[0]
+        serving.admit(lm, i, engine.encode(lm, p, True), policy, 2 * steps + 4)[0]
         for i, p in enumerate(prompts)
     ]
     together = StackedBatch([row.cache for row in rows])
@@ -48,8 +48,8 @@ def policy_steps(lm: LoadedModel, policy, prompts: list[str], steps: int) -> tup
     entries = round(rows[0].cache.stored_entries() / lm.n_layers)  # mean per layer
     times = {"together": [], "alone": []}
     for step in range(1, steps + 3):  # interleaved, so machine noise hits both alike; 2 warm-up steps
-        t_all = _timed(runner._decode, lm, together, [100] * len(rows), step)
-        t_one = _timed(runner._decode, lm, alone, [100], step)
+        t_all = _timed(engine.decode_step, lm, together, [100] * len(rows), step)
+        t_one = _timed(engine.decode_step, lm, alone, [100], step)
         if step > 2:
             times["together"].append(t_all)
             times["alone"].append(t_one)

@@ -7,17 +7,20 @@ up from the registry.
 
 import dataclasses
 
-from .base import SCORE_SOURCES, CamRule, LayerPlan, MergeRule, Policy, Setting, setting, settings_of
+from .base import LayerPlan, Policy, Setting, setting, settings_of
 from .cam import CaM
 from .d2o import D2O
 from .full import FullCache
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import KeyNorm
+from .merging import CamRule, MergeRule, Merging
 from .pyramidkv import PyramidKV
+from .scoring import Scoring
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
+from .vatp import VATP
 
 POLICIES: dict[str, type[Policy]] = {
     "full": FullCache,
@@ -30,6 +33,7 @@ POLICIES: dict[str, type[Policy]] = {
     "keydiff": KeyDiff,
     "knorm": KeyNorm,
     "cam": CaM,
+    "vatp": VATP,
 }
 
 
@@ -49,7 +53,7 @@ def build(name: str, budget: float = 0.2, **settings) -> Policy:
 
 __all__ = [
     "POLICIES",
-    "SCORE_SOURCES",
+    "Scoring",
     "build",
     "Policy",
     "Setting",
@@ -58,6 +62,7 @@ __all__ = [
     "LayerPlan",
     "MergeRule",
     "CamRule",
+    "Merging",
     "FullCache",
     "StreamingLLM",
     "H2O",
@@ -68,4 +73,5 @@ __all__ = [
     "KeyDiff",
     "KeyNorm",
     "CaM",
+    "VATP",
 ]

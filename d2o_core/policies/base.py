@@ -6,20 +6,10 @@ dataclass: a policy is a configuration, never per-request state) decides three t
 (a) budgets: `layer_caps` turns the prompt length and, when `needs_density` asks for them,
     the prefill's attention column sums into one `LayerPlan` per layer (`split` then places
     sinks and the recent window);
-(b) scores: `score_source` says where an entry's importance comes from, and the engine
-    computes only that:
-    - "none": no scores; the oldest unprotected entry leaves (StreamingLLM);
-    - "accumulated": prompt column sums, then each decode query's attention row added
-      (summed over the query heads of a kv-head group; H2O, D2O);
-    - "latest": the attention of the newest query only, replaced (not added) each step,
-      averaged over the query heads of the group (TOVA);
-    - "window": computed once at prefill from the last `prompt_window()[0]` prompt queries,
-      mean over them, average-pooled over positions (`prompt_window()[1]`), averaged over
-      the group; fixed during decoding; every entry from the window on (the window's prompt
-      tokens, every generated token) scores `1 + position` (SnapKV, PyramidKV);
-    - "key": `key_scores(keys)` from the stored keys at eviction time, no attention at all
-      (KeyDiff, key norm);
-    higher scores are kept;
+(b) scores: `scoring()` returns a `scoring.Scoring` object that says where an entry's
+    importance comes from (age, accumulated attention, the newest query, an observation window,
+    the keys, the values: whatever a layer holds) at the prompt, at each step and at eviction;
+    the engine computes only what it asks for; higher scores are kept;
 (c) what an evicted entry becomes: `merge_rule()` returns None (dropped) or a rule object
     (`MergeRule`: D2O's nearest-key merge; `CamRule`: CaM's value merge).
 
@@ -45,6 +35,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from .merging import Merging
+from .scoring import Scoring
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -55,39 +48,6 @@ class LayerPlan:
     n_recent: int = 0
     density: float = math.nan
     protected: bool = False
-
-
-@dataclass(frozen=True)
-class MergeRule:
-    """D2O's token-level merge (see ALGORITHMS.md, the two readings): keys and values into the nearest key."""
-
-    variant: str  # "paper" | "official": merge weights
-    beta: float  # EMA weight of the new statistic
-    statistic: str  # "max" | "mean": the EMA's new statistic
-    shared_by_heads: bool  # decide per (head, entry) or on the head mean
-
-    kind: ClassVar[str] = "d2o"
-    needs_norms: ClassVar[bool] = True  # cosine similarities need current key norms
-
-
-@dataclass(frozen=True)
-class CamRule:
-    """CaM's value merge (policies/cam.py): an evicted value is spread over the kept entries after it.
-
-    `merge_tokens`: how many kept entries (the nearest after the evicted one) share it; None: the
-    layer's recent window size (CaM's code merges into the whole recent window).
-    """
-
-    merge_tokens: int | None = None
-
-    kind: ClassVar[str] = "cam"
-    needs_norms: ClassVar[bool] = False
-
-    def targets(self, plan: LayerPlan) -> int:
-        return max(1, self.merge_tokens if self.merge_tokens is not None else plan.n_recent)
-
-
-SCORE_SOURCES = ("none", "accumulated", "latest", "window", "key")
 
 
 def setting(default: Any, help: str, *, low=None, high=None, step=None, choices=None):
@@ -167,9 +127,42 @@ def settings_of(cls: type[Policy]) -> list[Setting]:
     return out
 
 
-def _check_int(name: str, value, low: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be a whole number >= {low}; got {value!r}.")
+def check_setting(policy: Policy, s: Setting) -> None:
+    """One setting's value against what its field declares (kind, range, choices); ValueError otherwise.
+
+    The declaration is the one bound: the page's controls, the CLI's `--set`, the API and a run file's
+    settings all end here, so the same mistake gets the same sentence everywhere.
+    """
+    value, name = getattr(policy, s.name), s.name
+    if value is None and s.optional:
+        return
+    shown = repr(value)[:40]  # a hostile value is not echoed back whole
+    if s.kind == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false; got {shown}.")
+    if s.kind == "choice" and value not in s.choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, s.choices))}; got {shown}.")
+    if s.kind == "layers" and not (
+        isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(
+            f"{name} must be layer numbers such as 0, 1, -1 (negative from the end); got {shown}."
+        )
+    if s.kind in ("int", "float"):
+        whole = s.kind == "int"
+        number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+        number = number and math.isfinite(value)
+        low, high = s.low, s.high
+        if not number or (low is not None and value < low) or (high is not None and value > high):
+            what = "a whole number" if whole else "a number"
+            span = (
+                f" from {low:g} to {high:g}" if low is not None and high is not None
+                else f" >= {low:g}" if low is not None else f" <= {high:g}" if high is not None else ""
+            )  # fmt: skip
+            raise ValueError(f"{name} must be {what}{span}; got {shown}.")
+
+
+# The most steps a policy may grow past its budget before it compresses (memory stays bounded by it).
+MAX_COMPRESS_EVERY = 4096
 
 
 @dataclass(frozen=True)
@@ -181,45 +174,38 @@ class Policy:
     recent_share: float = setting(
         0.5, "share of the budget kept for the most recent tokens", low=0.0, high=1.0, step=0.05
     )
+    compress_every: int = setting(
+        1,
+        "when to compress: 0 once after the prompt (the cache then grows), 1 every step, "
+        "N: grow N entries past the budget, then cut back to it",
+        low=0,
+        high=MAX_COMPRESS_EVERY,
+        step=1,
+    )
 
     name: ClassVar[str] = "base"
     title: ClassVar[str] = "Base"
     description: ClassVar[str] = ""  # one line with the paper's link
-    # Where scores come from (see the module docstring): one of SCORE_SOURCES.
-    score_source: ClassVar[str] = "none"
     # Per-query-head prefill column sums (D2O's layer densities), handed to `layer_caps`.
     needs_density: ClassVar[bool] = False
     # Fields this policy ignores (e.g. TOVA's recent window is fixed): not shown, not recorded.
     unused_settings: ClassVar[tuple[str, ...]] = ()
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.score_source not in SCORE_SOURCES:
-            raise TypeError(
-                f"{cls.__name__}.score_source must be one of {SCORE_SOURCES}, not {cls.score_source!r}"
-            )
-
-    @property
-    def needs_scores(self) -> bool:
-        """Whether the prefill must record attention for this policy (its scores come from attention)."""
-        return self.score_source in ("accumulated", "latest", "window")
-
-    def prompt_window(self) -> tuple[int, int]:
-        """(queries, pooling kernel) that score the prompt for the "latest" and "window" sources."""
-        return (1, 1) if self.score_source == "latest" else (0, 1)
-
-    def key_scores(self, keys: torch.Tensor) -> torch.Tensor:
-        """For `score_source = "key"`: [Hkv, S, D] stored keys of one layer -> [Hkv, S] float32 scores."""
-        raise NotImplementedError(f"{type(self).__name__} scores from keys but defines no key_scores")
+    def scoring(self) -> Scoring:
+        """How this policy scores entries (see scoring.py); the default keeps by age alone."""
+        return Scoring()
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
             raise ValueError(f"budget must be a number in (0, 1], e.g. 0.2 for 20 %; got {self.budget!r}.")
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be a fraction in (0, 1], e.g. 0.2 for 20 %; got {self.budget}.")
-        _check_int("n_sink", self.n_sink)
-        if not isinstance(self.recent_share, (int, float)) or not 0 <= self.recent_share <= 1:
-            raise ValueError(f"recent_share must be in [0, 1]; got {self.recent_share!r}.")
+        for spec in settings_of(type(self)):
+            check_setting(self, spec)
+
+    def decode_room(self, new_tokens: int) -> int:
+        """Entries a capped layer holds past its budget while decoding `new_tokens` (its peak's excess)."""
+        return new_tokens if self.compress_every == 0 else min(self.compress_every, new_tokens)
 
     # -- what the policy keeps -------------------------------------------------------------
     def budget_tokens(self, n_prompt: int) -> int:
@@ -246,7 +232,7 @@ class Policy:
             return [LayerPlan(None) for _ in range(n_layers)]
         return [self.split(p) for p in self.layer_caps(n_prompt, n_layers, col_sums)]
 
-    def merge_rule(self) -> MergeRule | CamRule | None:
+    def merge_rule(self) -> Merging | None:
         """What an evicted entry becomes: None (dropped) or the rule that folds it into kept ones."""
         return None
 

@@ -13,6 +13,8 @@ query count, so their ratio is the same). Then for every `j` in `T_i`:
 when it fires; we use its expectation, so runs are deterministic. At prefill every evicted entry
 merges at once, from the values as they were before the compression. With no later kept entry
 the evicted one is simply dropped. A merge leaves every score unchanged.
+
+Head granularity: one decision per kv-head (H2O's), each head merging its own evicted value.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import CamRule, _check_int, setting
+from .base import setting
 from .h2o import H2O
+from .merging import CamRule
+
+# No layer keeps more entries than the longest prompt the app reads (LoadedModel.max_prompt_tokens's
+# default), so more targets than this cannot be filled; the engine also stops at what a layer holds.
+MAX_MERGE_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,10 @@ class CaM(H2O):
     """H2O plus CaM's value merging of what H2O evicts."""
 
     merge_tokens: int | None = setting(
-        None, "kept entries after an evicted one that share its value (blank: the recent window)", low=1
+        None,
+        "kept entries after an evicted one that share its value (blank: the recent window)",
+        low=1,
+        high=MAX_MERGE_TOKENS,
     )
 
     name: ClassVar[str] = "cam"
@@ -37,11 +47,6 @@ class CaM(H2O):
     description: ClassVar[str] = (
         "CaM: H2O, evicted values merged into the next kept ones (https://proceedings.mlr.press/v235/zhang24n.html)"
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.merge_tokens is not None:
-            _check_int("merge_tokens", self.merge_tokens, low=1)
 
     def merge_rule(self) -> CamRule:
         return CamRule(self.merge_tokens)

@@ -6,6 +6,9 @@ most similar kept entry when the similarity passes a per-layer EMA threshold.
 Two readings of the method exist; `variant` picks one ("paper" or "official") and
 every setting can still be overridden. `merge=False` with `layer_budgets="uniform"`
 is exactly H2O (with the same sinks and recent share).
+
+Head granularity: eviction per kv-head (H2O's); the merge decision per (head, entry) in the paper's
+reading, shared by the heads of a layer in the official code's (docs/policies.md).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import ops
-from .base import LayerPlan, MergeRule, Policy, setting
+from .base import LayerPlan, Policy, setting
+from .merging import MergeRule
+from .scoring import Accumulated, Scoring
 
 VARIANTS = {
     # recent_share, beta, EMA statistic, decision shared by heads, protected layers
@@ -60,7 +65,6 @@ class D2O(Policy):
     description: ClassVar[str] = (
         "D2O: H2O with layer budgets from attention density, evicted keys merged (https://arxiv.org/abs/2406.13035)"
     )
-    score_source: ClassVar[str] = "accumulated"
     needs_density: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -70,21 +74,9 @@ class D2O(Policy):
         for key in ("recent_share", "beta", "protected_layers"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, defaults[key])
-        object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
+        if isinstance(self.protected_layers, list):  # JSON and the page give lists
+            object.__setattr__(self, "protected_layers", tuple(self.protected_layers))
         super().__post_init__()
-        if not isinstance(self.merge, bool):
-            raise ValueError(f"merge must be True or False; got {self.merge!r}.")
-        if not isinstance(self.beta, (int, float)) or not 0 < self.beta <= 1:
-            raise ValueError(
-                f"beta (the EMA weight of the new similarity) must be in (0, 1]; got {self.beta!r}."
-            )
-        if self.layer_budgets not in ("dynamic", "uniform"):
-            raise ValueError(f"layer_budgets must be 'dynamic' or 'uniform'; got {self.layer_budgets!r}.")
-        for layer in self.protected_layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise ValueError(
-                    f"protected_layers must be layer numbers (negative counts from the end); got {layer!r}."
-                )
 
     def _defaults(self) -> D2O:
         return D2O(budget=self.budget, variant=self.variant)
@@ -119,6 +111,9 @@ class D2O(Policy):
         return [
             LayerPlan(budget_of.get(i), density=density[i], protected=i in protected) for i in range(n_layers)
         ]
+
+    def scoring(self) -> Scoring:
+        return Accumulated()
 
     def merge_rule(self) -> MergeRule | None:
         if not self.merge:

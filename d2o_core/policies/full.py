@@ -15,7 +15,11 @@ class FullCache(Policy):
     name: ClassVar[str] = "full"
     title: ClassVar[str] = "Full cache"
     description: ClassVar[str] = "Full cache: keeps every entry; the reference the others are compared with"
-    unused_settings: ClassVar[tuple[str, ...]] = ("n_sink", "recent_share")  # nothing is ever evicted
+    unused_settings: ClassVar[tuple[str, ...]] = (
+        "n_sink",
+        "recent_share",
+        "compress_every",
+    )  # nothing is ever evicted
 
     def plans(self, n_prompt, n_layers, col_sums=None) -> list[LayerPlan]:
         return [LayerPlan(None) for _ in range(n_layers)]

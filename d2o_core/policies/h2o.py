@@ -2,6 +2,9 @@
 
 Scores are accumulated attention per (layer, kv-head, entry); keep the recent window
 and the top-scoring heavy hitters, same budget for every layer, no sinks by default.
+
+Head granularity: one decision per kv-head, the query heads of a group summed. The official code
+(FMInference/H2O) targets multi-head models, where that is one decision per head.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import Policy
+from .scoring import Accumulated, Scoring
 
 
 @dataclass(frozen=True)
@@ -21,4 +25,6 @@ class H2O(Policy):
     description: ClassVar[str] = (
         "H2O: heavy hitters by accumulated attention plus a recent window (https://arxiv.org/abs/2306.14048)"
     )
-    score_source: ClassVar[str] = "accumulated"
+
+    def scoring(self) -> Scoring:
+        return Accumulated()

@@ -7,6 +7,8 @@ clipped to it and `min = 2 avg - max`; layer `l` keeps `window + round(max - l (
 entries. So the mean per layer is `window + budget * Lp` (the window comes on top, unlike SnapKV's
 budget). When the pyramid does not fit (`min < 0`, `min > max`, or one layer) every layer gets
 SnapKV's uniform budget instead.
+
+Head granularity: as SnapKV, one decision per kv-head (group mean).
 """
 
 from __future__ import annotations
@@ -29,11 +31,6 @@ class PyramidKV(SnapKV):
     description: ClassVar[str] = (
         "PyramidKV: SnapKV scores, layer budgets falling with depth (https://arxiv.org/abs/2406.02069)"
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
-            raise ValueError(f"beta (pyramid steepness) must be a number >= 1, e.g. 20; got {self.beta!r}.")
 
     def pyramid(self, n_prompt: int, n_layers: int) -> list[int] | None:
         """Entries besides the window per layer, or None when the pyramid does not fit."""

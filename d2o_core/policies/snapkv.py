@@ -12,6 +12,9 @@ fixed; new tokens enter the recent window (the last `window` tokens are never ev
 when a layer is over budget, the lowest-scoring prompt entry outside it leaves. Entries from the
 window on (the window's prompt tokens, every generated token) score `1 + position`, above every
 prompt score, so once no scored prompt entry is left the oldest of them leaves first.
+
+Head granularity: one decision per kv-head from the mean over its group's query heads, as kvpress's
+SnapKVPress averages per group (checked against NVIDIA/kvpress@8bb29b9, `snapkv_press.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import LayerPlan, Policy, _check_int, setting
+from .base import LayerPlan, Policy, setting
+from .scoring import ObservationWindow, Scoring
 
 
 @dataclass(frozen=True)
@@ -36,17 +40,14 @@ class SnapKV(Policy):
         "SnapKV: prompt scores from the last prompt queries, pooled (https://arxiv.org/abs/2404.14469)"
     )
     unused_settings: ClassVar[tuple[str, ...]] = ("recent_share",)
-    score_source: ClassVar[str] = "window"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("window", self.window, low=1)
-        _check_int("kernel", self.kernel, low=1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (pooling keeps positions aligned); got {self.kernel}.")
 
-    def prompt_window(self) -> tuple[int, int]:
-        return self.window, self.kernel
+    def scoring(self) -> Scoring:
+        return ObservationWindow(self.window, self.kernel)
 
     def layer_caps(self, n_prompt, n_layers, col_sums) -> list[LayerPlan]:
         if n_prompt <= self.window:  # nothing to observe outside the window: keep the prompt whole

@@ -2,6 +2,9 @@
 
 Keys keep their original rotary positions; the original method re-indexes positions
 inside the cache, this one does not (the UI says so).
+
+Head granularity: none needed, positions alone decide (every head keeps the same entries), as in
+kvpress 0.5.5's StreamingLLMPress (checked against NVIDIA/kvpress@8bb29b9).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Scores are the attention of the current query only, averaged over the query head
 kv-head group, replaced (never accumulated) at every step; the lowest leaves. No sinks and no
 recent window, as in the paper, except that the newest entry is never evicted on the step it
 arrives (a recent window of exactly one entry). At prefill the last prompt query scores the prompt.
+
+Head granularity: ONE decision per layer from the newest query's attention averaged over all query
+heads, the same entry evicted from every kv-head, as TOVA's official code and kvpress's TOVAPress
+(checked against NVIDIA/kvpress@8bb29b9, `tova_press.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import LayerPlan, Policy, setting
+from .scoring import LatestQuery, Scoring
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,9 @@ class TOVA(Policy):
         "TOVA: keep what the latest query attends to, no accumulation (https://arxiv.org/abs/2401.06104)"
     )
     unused_settings: ClassVar[tuple[str, ...]] = ("recent_share",)
-    score_source: ClassVar[str] = "latest"
+
+    def scoring(self) -> Scoring:
+        return LatestQuery()
 
     def split(self, plan: LayerPlan) -> LayerPlan:
         if plan.budget is None:

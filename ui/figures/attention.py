@@ -24,6 +24,7 @@ from .common import (
     _empty,
     _heatmap,
     _hover,
+    _labelled,
     _layers_height,
     _layout,
     policy_colours,
@@ -72,7 +73,7 @@ def attention_map(attention: pd.DataFrame, layer_budgets: pd.DataFrame) -> go.Fi
     title = "Prompt attention per layer: dense attention (low F_l) → larger D2O budget"
     if _check(attention, _ATTENTION, title):
         return _empty(title)
-    budgets = layer_budgets if not _check(layer_budgets, _BUDGETS, title) else None
+    budgets = _labelled(layer_budgets) if not _check(layer_budgets, _BUDGETS, title) else None
     per = _layer_shares(attention)
     layers = sorted(per["layer"].unique())
     positions = sorted(per["position"].unique())
@@ -172,7 +173,7 @@ def kept_tokens(attention: pd.DataFrame, kept: pd.DataFrame, layer: int, head: i
     # Log y: the sinks receive orders of magnitude more than the other tokens.
     fig.update_yaxes(title_text="column sum", type="log", row=1, col=1)
     if not no_kept:
-        fig.add_trace(_state_strips(kept), 2, 1)
+        fig.add_trace(_state_strips(_labelled(kept)), 2, 1)
     else:
         note = dict(xref="x2 domain", yref="y2 domain", x=0.5, y=0.5, showarrow=False)
         fig.add_annotation(text="no policy results", **note)

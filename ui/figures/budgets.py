@@ -10,7 +10,17 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .common import _check, _empty, _grid, _heatmap, _hover, _layers_height, _layout, policy_colours
+from .common import (
+    _check,
+    _empty,
+    _grid,
+    _heatmap,
+    _hover,
+    _labelled,
+    _layers_height,
+    _layout,
+    policy_colours,
+)
 
 
 def budget_heatmap(layer_budgets: pd.DataFrame) -> go.Figure:
@@ -31,7 +41,7 @@ def budget_heatmap(layer_budgets: pd.DataFrame) -> go.Figure:
     needed = ["policy", "layer", "budget_tokens", "budget_fraction", "density", "protected"]
     if _check(layer_budgets, needed, title):
         return _empty(title)
-    df = layer_budgets.assign(protected=np.where(layer_budgets["protected"], "<br>protected", ""))
+    df = _labelled(layer_budgets).assign(protected=np.where(layer_budgets["protected"], "<br>protected", ""))
     template = "{policy}<br>layer {layer}<br>{budget_tokens} tokens ({budget_fraction:.1%} of prompt)"
     df["hover"] = _hover(template + "{protected}", df)
     policies, layers, z, hover = _grid(df, "policy", "layer", "budget_fraction")

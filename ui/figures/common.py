@@ -10,6 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from ..safe_text import html_text
+
 # Every figure here is drawn on plotly_white. As the default, plotly attaches it to a new figure
 # without validating it again; passed per figure, it is deep-copied and checked each time (~25 ms
 # of the ~40 ms a small figure takes, and a page draws 7 of them per run, per picker move).
@@ -76,7 +78,15 @@ def _empty(title: str, message: str = NO_DATA) -> go.Figure:
 
 
 def _titled(title: str, policy: str) -> str:
-    return f"{title} · {policy}" if policy else title
+    return f"{title} · {html_text(policy)}" if policy else title
+
+
+def _labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with its `policy` labels escaped for plotly's HTML-like text (legends, ticks, hover).
+
+    A label may come from a run file (ui/safe_text.py): plotly would draw `<a href>` in it as a link.
+    """
+    return df.assign(policy=df["policy"].map(html_text))
 
 
 def _check(df: pd.DataFrame, columns: list[str], title: str) -> bool:
@@ -100,7 +110,7 @@ def _clean(tokens: pd.Series, width: int | None = None) -> pd.Series:
     text = text.str.replace(r"^ +", lambda m: "·" * len(m.group(0)), regex=True)
     if width is not None:
         text = text.where(text.str.len() <= width, text.str.slice(0, width - 1) + "…")
-    text = text.str.replace("&", "&amp;").str.replace("<", "&lt;").str.replace(">", "&gt;")
+    text = text.map(html_text)
     return text.mask(text == "", "∅")
 
 

@@ -10,7 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .common import _check, _empty, _layout, policy_colours
+from ..safe_text import html_text
+from .common import _check, _empty, _labelled, _layout, policy_colours
 
 
 def drift(drift: pd.DataFrame) -> go.Figure:
@@ -29,6 +30,7 @@ def drift(drift: pd.DataFrame) -> go.Figure:
     title = "Drift from the full cache (teacher-forced on its tokens)"
     if _check(drift, ["policy", "step", "kl_to_full", "agrees"], title):
         return _empty(title)
+    drift = _labelled(drift)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     colours = policy_colours(list(pd.unique(drift["policy"])))
     for policy, rows in drift.groupby("policy", sort=False):
@@ -72,11 +74,11 @@ def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "tas
         return _empty(title)
     facet = facet if facet is not None and facet in sweep.columns else None
     keys = ([facet] if facet else []) + ["policy", "budget"]
-    agg = sweep.groupby(keys, sort=False).agg(mean=(y, "mean"), n=(y, "count")).reset_index()
+    agg = _labelled(sweep).groupby(keys, sort=False).agg(mean=(y, "mean"), n=(y, "count")).reset_index()
     panels = sorted(pd.unique(agg[facet]), key=str) if facet else [None]
     n_cols = min(len(panels), 4)  # wider than four panels is unreadable on a ~1000 px page
     n_rows = -(-len(panels) // n_cols)
-    names = [str(p) for p in panels] if facet else None
+    names = [html_text(p) for p in panels] if facet else None
     grid = dict(shared_yaxes="all", shared_xaxes="all", horizontal_spacing=0.04, vertical_spacing=0.14)
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=names, **grid)
     colours = policy_colours(list(pd.unique(agg["policy"])))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from .common import _empty, _layout, policy_colours
+from .common import _empty, _labelled, _layout, policy_colours
 
 NO_DATA = "No throughput results: run the benchmark (Run live, or `make results`)"
 NEEDED = ("policy", "batch", "tokens_per_second", "mode")
@@ -24,7 +24,7 @@ NEEDED = ("policy", "batch", "tokens_per_second", "mode")
 def _usable(df: pd.DataFrame | None, mode: str) -> pd.DataFrame:
     if df is None or df.empty or not set(NEEDED) <= set(df.columns):
         return pd.DataFrame(columns=list(NEEDED))
-    return df[df["mode"] == mode]
+    return _labelled(df[df["mode"] == mode])
 
 
 def _hover(df: pd.DataFrame) -> list[str]:
