@@ -1,1 +1,0 @@
-import ray  # noqa: F401 - imported before the Ray test, as another test might
