@@ -3,18 +3,23 @@
     python app.py [--host 127.0.0.1] [--port 7860] [--model NAME] [--no-preload]
 
 Environment: D2O_MODELS (comma-separated allowlist; first is the default), D2O_MODEL,
-D2O_DEVICE, D2O_CACHE_DIR, D2O_MAX_PROMPT_TOKENS, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT,
+D2O_DEVICE, D2O_CACHE_DIR, the request limits of d2o_core/limits.py (D2O_MAX_UPLOAD_MB,
+D2O_MAX_PROMPT_CHARS, D2O_MAX_PROMPT_TOKENS, D2O_QUEUE_SIZE, ...), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT,
 GRADIO_ANALYTICS_ENABLED (Gradio's usage analytics; off unless "True").
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import threading
 import time
 
+import gradio as gr
+
+from d2o_core.limits import limits
 from ui import stored_runs
 from ui.engine import Engine, allowed_models
 from ui.layout import build_demo, launch_options
@@ -48,9 +53,40 @@ def make_app(models: list[str] | None = None, preload: bool = True, engine: Engi
         )
     warm_stored_runs()
     demo = build_demo(engine)
+    say_missing_values(demo)
     # Model work runs one request at a time; a bounded queue turns away floods with a message.
-    demo.queue(default_concurrency_limit=1, max_size=int(os.environ.get("D2O_QUEUE_SIZE", 16)))
+    demo.queue(default_concurrency_limit=1, max_size=limits().queue_size)
     return demo
+
+
+def say_missing_values(demo):
+    """A call with fewer values than its endpoint takes (plain HTTP: gradio_client fills in defaults)
+    is refused by Gradio before any handler runs, with a ValueError that `show_error=False` keeps
+    from the client, which read `{"error": null}`. It gets a sentence instead (a `gr.Error`, which
+    Gradio always passes on), naming the values; the call is refused as before."""
+    validate = demo.validate_inputs
+
+    def checked(block_fn, inputs):
+        wanted = len(block_fn.inputs)
+        if len(inputs) < wanted:
+            params = list(inspect.signature(block_fn.fn).parameters.values()) if block_fn.fn else []
+            named = len(params) == wanted and all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+            order = f" in this order: {', '.join(p.name for p in params)}" if named else ""
+            where = f"/{block_fn.api_name}" if isinstance(block_fn.api_name, str) else "This event"
+            raise gr.Error(
+                f"{where} takes {wanted} values{order}; got {len(inputs)}. Send every one (null where "
+                "you want none), or call it with gradio_client, which fills in the defaults."
+            )
+        return validate(block_fn, inputs)
+
+    demo.validate_inputs = checked
+    return demo
+
+
+def server_options() -> dict:
+    """`demo.launch` arguments: the page's style, and uploads over the limit refused by the server
+    before they are stored (the handler checks the size again before reading a file)."""
+    return launch_options() | {"max_file_size": limits().upload_bytes}
 
 
 def main() -> None:
@@ -72,7 +108,7 @@ def main() -> None:
         f"Open http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port} in a browser",
         flush=True,
     )
-    demo.launch(server_name=args.host, server_port=args.port, show_error=False, **launch_options())
+    demo.launch(server_name=args.host, server_port=args.port, show_error=False, **server_options())
 
 
 if __name__ == "__main__":

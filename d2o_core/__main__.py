@@ -9,6 +9,8 @@ runner.py and eval/ (sweep, bench, throughput, batch_step, readme_tables). `show
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from .policies import POLICIES, build
 from .runner import iter_compare
 from .shape_models import NOTICE
 
+MAX_ERROR = 600  # characters of an error line: a message quoting its input never floods the terminal
+
 
 def policies_from_args(names: str, budget: float, assignments: list[str]) -> list:
     """`--policies full,h2o --budget 0.2 --set d2o.variant=official` -> Policy objects."""
@@ -25,6 +29,9 @@ def policies_from_args(names: str, budget: float, assignments: list[str]) -> lis
 
     settings = settings_from_args(assignments)
     chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in POLICIES]
+    if unknown:  # named here, cut short: a name is echoed back, never 100 KB of it
+        raise ValueError(f"unknown policy {unknown[0][:40]!r}; choose from {', '.join(POLICIES)}.")
     unused = sorted(set(settings) - set(chosen))
     if unused:
         raise ValueError(f"--set names {', '.join(unused)}, which is not among --policies.")
@@ -33,7 +40,14 @@ def policies_from_args(names: str, budget: float, assignments: list[str]) -> lis
 
 def _read_prompt(args) -> str:
     if args.prompt_file:
-        return Path(args.prompt_file).read_text()
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "not a file"
+            raise ValueError(f"--prompt-file {args.prompt_file[:80]} is {what}; give a text file.")
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--prompt-file {args.prompt_file[:80]} cannot be read as text: {exc}") from None
     if args.prompt:
         return args.prompt
     if not sys.stdin.isatty():
@@ -76,10 +90,27 @@ def _generation_args(parser: argparse.ArgumentParser, default_policies: str) -> 
     _model_args(parser)
 
 
+def _check_output(path: str | None, option: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done for it."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ValueError(f"{option} {path[:80]} is a folder; give a file name to write.")
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path[:80]}: there is no folder {str(folder)[:80]} to write it in.")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{option} {path[:80]} cannot be written here (permission denied).")
+
+
 def cmd_compare(args, stream: bool = False) -> int:
     policies = policies_from_args(args.policies, args.budget, args.set)
     if stream and len(policies) != 1:
         raise ValueError("run streams one policy; use compare for several.")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or a positive number; got {args.temperature}.")
+    _check_output(args.json, "--json")  # before generating, not after
     prompt = _read_prompt(args)
     lm = load_model(args.model, args.device, args.dtype)
     print(
@@ -139,6 +170,7 @@ def cmd_show(args) -> int:
     """
     from .runfile import load_run  # noqa: PLC0415 - pydantic only for this command
 
+    _check_output(args.html, "--html")
     results, meta = load_run(Path(args.path))
     facts = ", ".join(f"{k} {meta[k]}" for k in ("model", "max_new_tokens", "created") if meta.get(k))
     _say(f"{args.path}: {len(results)} policies" + (f" ({facts})" if facts else ""))
@@ -190,12 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         batch_step,
         bench,
         interop_bench,
+        leaderboard,
         readme_tables,
-        sweep,
+        sweep_cli,
         throughput,
     )
 
-    sweep.add_parser(sub, _model_args)
+    sweep_cli.add_parser(sub, _model_args)
+    leaderboard.add_parser(sub)
     bench.add_parser(sub, _model_args)
     throughput.add_parser(sub, _model_args)
     readme_tables.add_parser(sub, _model_args)
@@ -210,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return cmd_show(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {run_summary.printable(exc)}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # bad input or a file that cannot be read or written
+        message = str(exc)
+        message = message if len(message) <= MAX_ERROR else message[:MAX_ERROR] + "..."
+        print(f"error: {run_summary.printable(message)}", file=sys.stderr)
         return 2
 
 

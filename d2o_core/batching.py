@@ -56,7 +56,8 @@ class _RaggedLayer(_RowsLayer):
             cache.layers[self.index].update(key_states[b : b + 1], value_states[b : b + 1])
             for b, cache in enumerate(self.caches)
         ]
-        return Ragged([k for k, _ in pairs]), Ragged([v for _, v in pairs])
+        wants = [cache.wants_probs(self.index) for cache in self.caches]
+        return Ragged([k for k, _ in pairs], wants), Ragged([v for _, v in pairs])
 
 
 class RaggedBatch(Cache):
@@ -67,8 +68,9 @@ class RaggedBatch(Cache):
         self.caches = caches
 
     def observe(self, layer_idx: int, query, key: Ragged, scaling: float) -> None:
+        probs = key.probs or [None] * len(self.caches)
         for b, cache in enumerate(self.caches):
-            cache.observe(layer_idx, query[b : b + 1], key.rows[b], scaling)
+            cache.observe(layer_idx, query[b : b + 1], key.rows[b], scaling, probs=probs[b])
 
 
 def layout_key(cache: PolicyCache) -> tuple:

@@ -295,13 +295,23 @@ class PolicyCache(Cache):
                 cache.tau[column[layer.index]] = tau
         return cache
 
-    def observe(self, layer_idx: int, query, key, scaling: float) -> None:
-        """At each layer's attention: update the scores as the policy's scoring says; then maybe evict."""
+    def wants_probs(self, layer_idx: int) -> bool:
+        """Whether this layer's scores take the step's attention (the attention function then hands
+        its probabilities over instead of this cache computing them again)."""
+        return self.scoring.step_attention and self.layers[layer_idx].plan.budget is not None
+
+    def observe(self, layer_idx: int, query, key, scaling: float, probs=None) -> None:
+        """At each layer's attention: update the scores as the policy's scoring says; then maybe evict.
+
+        probs : the step's attention [1, Hkv, n_rep, S] when the attention function computed it.
+        """
         layer = self.layers[layer_idx]
-        if self.scoring.step_attention and layer.plan.budget is not None:
+        if self.wants_probs(layer_idx):
             window = self.scores[:, layer.offset : layer.offset + layer.used]
             n_rep = query.shape[1] // key.shape[1]
-            if query.shape[2] == 1:
+            if probs is not None:
+                self.scoring.update(window, probs[0].sum(dim=1), n_rep)
+            elif query.shape[2] == 1:
                 self.scoring.update(window, ops.attention_row(query, key, scaling), n_rep)
             else:  # tokens held after the compression: each query in turn, as if fed one by one
                 for row in ops.appended_rows(query, key, scaling):

@@ -41,6 +41,10 @@ class Ragged:
     """
 
     rows: list[torch.Tensor]
+    # On keys: which rows' observers need this layer's probabilities (attention then computes them
+    # once for the output and the scores), and those probabilities ([1, Hkv, n_rep, S] or None per row).
+    wants: list[bool] | None = None
+    probs: list | None = None
 
 
 @dataclass
@@ -58,14 +62,6 @@ class Padded:
     probs: torch.Tensor | None = None
 
 
-def attend_with_probs(query, key: Padded, value: Padded, scaling: float) -> torch.Tensor:
-    """Attention output [B, 1, Hq, D] (SDPA's layout) from explicit probabilities, kept on `key.probs`."""
-    n_rows, n_q, _, dim = query.shape
-    key.probs = ops.attention_probs(query, key.tensor, key.mask[:, 0, 0], scaling)
-    out = torch.matmul(key.probs.to(value.tensor.dtype), value.tensor)  # [B, Hkv, n_rep, D]
-    return out.reshape(n_rows, 1, n_q, dim)
-
-
 def appended(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
     """The mask of `q` new tokens that are the last `q` of a cache's `S` entries: each sees every older
     entry and the new ones up to itself ([1, 1, q, S] bool); None when SDPA needs none (one token, or a
@@ -78,6 +74,12 @@ def appended(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
     if n_new == 1 or n_new == n_entries:
         return None
     return ops.appended_mask(n_new, n_entries, query.device)[None, None]
+
+
+def wants_probs(observer, layer_idx: int) -> bool:
+    """Whether `observer` scores from this layer's attention at this step (then computed once, here)."""
+    ask = getattr(observer, "wants_probs", None)
+    return ask is not None and ask(layer_idx)
 
 
 def prompt_pass(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -93,19 +95,25 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, *
     scaling = module.scaling if scaling is None else scaling
     observer = _observer.get()
     if isinstance(key, Padded) and key.wants_probs:
-        out = attend_with_probs(query, key, value, scaling)
+        out, key.probs = ops.attend_one(query, key.tensor, value.tensor, scaling, key.mask[:, 0, 0])
     elif isinstance(key, Padded):
         out, _ = sdpa_attention_forward(
             module, query, key.tensor, value.tensor, key.mask, scaling=scaling, **kwargs
         )
     elif isinstance(key, Ragged):
-        rows = zip(query.split(1), key.rows, value.rows)
-        out = torch.cat(
-            [
-                sdpa_attention_forward(module, q, k, v, appended(q, k), scaling=scaling, **kwargs)[0]
-                for q, k, v in rows
-            ]
-        )
+        wants = key.wants or [False] * len(key.rows)
+        key.probs, outs = [None] * len(key.rows), []
+        for b, (q, k, v) in enumerate(zip(query.split(1), key.rows, value.rows)):
+            if wants[b] and q.shape[2] == 1:
+                out, key.probs[b] = ops.attend_one(q, k, v, scaling)
+            else:
+                out = sdpa_attention_forward(module, q, k, v, appended(q, k), scaling=scaling, **kwargs)[0]
+            outs.append(out)
+        out = torch.cat(outs)
+    elif observer is not None and query.shape[2] == 1 and wants_probs(observer, module.layer_idx):
+        out, probs = ops.attend_one(query, key, value, scaling)
+        observer.observe(module.layer_idx, query, key, scaling, probs=probs)
+        return out, None
     elif observer is not None and getattr(observer, "wants_column_sums", False) and prompt_pass(query, key):
         # The prompt's column sums and its output from one pass over the queries, not SDPA and a redo.
         out, col_sums = ops.prompt_attention(query, key, value, scaling)

@@ -134,9 +134,12 @@ class GenerateCache(Cache):
     def wants_column_sums(self) -> bool:
         return self.policy_cache is None and self.prefill.record
 
-    def observe(self, layer_idx: int, query, key, scaling: float, col_sums=None) -> None:
+    def wants_probs(self, layer_idx: int) -> bool:
+        return self.policy_cache is not None and self.policy_cache.wants_probs(layer_idx)
+
+    def observe(self, layer_idx: int, query, key, scaling: float, col_sums=None, probs=None) -> None:
         if self.policy_cache is not None:
-            self.policy_cache.observe(layer_idx, query, key, scaling)
+            self.policy_cache.observe(layer_idx, query, key, scaling, probs=probs)
             return
         self.prefill.observe(layer_idx, query, key, scaling, col_sums)
         if layer_idx == len(self.layers) - 1:

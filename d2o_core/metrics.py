@@ -59,8 +59,31 @@ def memory_metrics(stored: int, peak: int, seen: int, n_layers: int, entry_bytes
     }
 
 
+def full_reference(metrics: list[dict]) -> dict:
+    """The one reference every column's "% of full" is measured against: the full cache of the longest run.
+
+    A comparison's columns stop at different lengths (an end-of-text token ends one, another decodes
+    on); each column's own `kv_bytes_full` would make the same bytes a different share in each. This
+    is the largest of them: the full cache's keys and values for the longest sequence any column held.
+
+    Returns {"bytes": ..., "tokens": ...} (tokens = prompt + generated tokens fed back, the cache's
+    length); NaN bytes and 0 tokens for no metrics.
+    """
+    if not metrics:
+        return {"bytes": math.nan, "tokens": 0}
+    return {
+        "bytes": max(float(m["kv_bytes_full"]) for m in metrics),
+        "tokens": max(int(m["prompt_tokens"]) + max(int(m["new_tokens"]) - 1, 0) for m in metrics),
+    }
+
+
 def speed_metrics(prefill_seconds: float, decode_seconds: float, decode_steps: int) -> dict:
-    """Decode throughput over forward passes on the compressed cache (the first token comes from prefill)."""
+    """Decode throughput over forward passes on the compressed cache (the first token comes from prefill).
+
+    In a comparison the columns decode together, one batched forward pass per step: `decode_seconds`
+    is then the batch's wall time over the steps this column took part in, and the speeds are the
+    batch's, shared by every column in it (shown as "batch speed"), not this column's alone.
+    """
     per_token = decode_seconds / decode_steps if decode_steps else math.nan
     return {
         "prefill_seconds": prefill_seconds,

@@ -53,23 +53,34 @@ def prompt_attention(
     """
     _, n_q, length, dim = query.shape
     n_kv = key.shape[1]
-    q = query[0].reshape(n_kv, n_q // n_kv, length, dim)
+    n_rep = n_q // n_kv
+    q = query[0].reshape(n_kv, n_rep, length, dim)
     k = key[0]
-    col = torch.zeros(n_kv, n_q // n_kv, length, dtype=torch.float32, device=query.device)
-    out = None if value is None else value.new_empty(n_kv, n_q // n_kv, length, value.shape[-1])
+    col = torch.zeros(n_kv, length, n_rep, dtype=torch.float32, device=query.device)
+    out = None if value is None else value.new_empty(n_kv, length, n_rep, value.shape[-1])
     chunk = max(1, min(_MAX_CHUNK, length, _CHUNK_ELEMENTS // max(1, n_q * length)))
-    future = torch.full((chunk, chunk), float("-inf"), device=query.device).triu(1)
+    future = (
+        torch.full((chunk, chunk), float("-inf"), device=query.device)
+        .triu(1)[:, None, :]
+        .expand(-1, n_rep, -1)
+    )
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        # Keys before `start` are visible to the whole chunk; only the diagonal block needs the causal mask.
-        logits = torch.matmul(q[:, :, start:end], k[:, None, :end].transpose(-1, -2)).float().mul_(scaling)
-        logits[..., start:end] += future[: end - start, : end - start]
+        # One batched product per kv-head: the group's queries of the chunk as rows ([Hkv, c * r, D]),
+        # never a broadcast copy of the keys. Keys before `start` are visible to the whole chunk; only
+        # the diagonal block needs the causal mask.
+        rows = q[:, :, start:end].transpose(1, 2).reshape(n_kv, (end - start) * n_rep, dim)
+        logits = torch.bmm(rows, k[:, :end].transpose(1, 2)).float().mul_(scaling)
+        logits = logits.view(n_kv, end - start, n_rep, end)
+        logits[..., start:end] += future[: end - start, :, : end - start]
         probs = torch.softmax(logits, dim=-1)
-        col[:, :, :end] += probs.sum(dim=2)
+        col[:, :end] += probs.sum(dim=1).transpose(1, 2)
         if out is not None:
-            out[:, :, start:end] = torch.matmul(probs.to(value.dtype), value[0, :, None, :end])
+            flat = probs.view(n_kv, (end - start) * n_rep, end).to(value.dtype)
+            out[:, start:end] = torch.bmm(flat, value[0, :, :end]).view(n_kv, end - start, n_rep, -1)
+    col = col.transpose(1, 2)
     if out is not None:
-        out = out.reshape(n_q, length, -1).transpose(0, 1)[None]
+        out = out.permute(1, 0, 2, 3).reshape(length, n_q, -1)[None]
     return out, col.reshape(n_q, length)
 
 
@@ -111,7 +122,7 @@ def appended_rows(query: torch.Tensor, key: torch.Tensor, scaling: float) -> tor
 
 
 def attention_probs(
-    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """One new query per row over that row's stored keys, for a padded batch, per query head.
 
@@ -119,7 +130,7 @@ def attention_probs(
     ----------
     query : [B, Hq, 1, D]
     key : [B, Hkv, S, D] (rows padded to S)
-    valid : [B, S] bool, False at padding
+    valid : [B, S] bool, False at padding; None: no padding
 
     Returns
     -------
@@ -129,8 +140,19 @@ def attention_probs(
     n_kv = key.shape[1]
     q = query.reshape(n_rows, n_kv, n_q // n_kv, dim)
     logits = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling)  # [B, Hkv, n_rep, S]
-    logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    if valid is not None:
+        logits.masked_fill_(~valid[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def attend_one(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, valid=None):
+    """One new query per row from explicit probabilities: (output [B, 1, Hq, D] in SDPA's layout,
+    probabilities [B, Hkv, n_rep, S] float32). For a policy that scores from the step's attention,
+    this computes it once, for the output and the scores, instead of SDPA and a second pass."""
+    n_rows, n_q, _, dim = query.shape
+    probs = attention_probs(query, key, valid, scaling)
+    out = torch.matmul(probs.to(value.dtype), value)  # [B, Hkv, n_rep, D]
+    return out.reshape(n_rows, 1, n_q, dim), probs
 
 
 def attention_rows(

@@ -12,7 +12,10 @@ import re
 import numpy as np
 import pandas as pd
 
+from .metrics import full_reference
 from .run_result import RunResult
+
+FULL_SHARE = "% of full (longest run)"  # the summary's column: every row against one reference
 
 # C0 controls but tab and newline, DEL and C1: ESC (and U+009B) start terminal escape sequences,
 # CR and backspace overwrite what was printed, BEL rings.
@@ -77,8 +80,19 @@ def combined(results: dict[str, RunResult], attr: str) -> pd.DataFrame:
     return out[["policy", *[c for c in out.columns if c != "policy"]]]
 
 
+def reference(results: dict[str, RunResult]) -> dict:
+    """`metrics.full_reference` of a comparison: the full cache at the longest column's length."""
+    return full_reference([res.metrics for res in results.values()])
+
+
 def summary(results: dict[str, RunResult]) -> pd.DataFrame:
-    """One row per policy: memory, speed and fidelity in human units."""
+    """One row per policy: memory, speed and fidelity in human units.
+
+    "% of full (longest run)" divides every column's final KV bytes by one reference (`reference`),
+    so equal bytes are an equal share in every row. "batch ms/step" is the shared batch's time per
+    decode step over the steps the column took part in (the columns decode together).
+    """
+    ref = reference(results)["bytes"]
     rows = []
     for label, res in results.items():
         m = res.metrics
@@ -87,10 +101,10 @@ def summary(results: dict[str, RunResult]) -> pd.DataFrame:
                 "policy": label,
                 "new tokens": m["new_tokens"],
                 "KV MB (final)": m["kv_bytes_final"] / 1e6,
-                "% of full": 100 * m["kv_fraction"],
+                FULL_SHARE: 100 * m["kv_bytes_final"] / ref if ref else math.nan,
                 "KV MB (peak)": m["kv_bytes_peak"] / 1e6,
                 "prefill s": m["prefill_seconds"],
-                "decode ms/token": m["decode_ms_per_token"],
+                "batch ms/step": m["decode_ms_per_token"],
                 "agreement %": 100 * m.get("token_agreement", math.nan),
                 "KL to full": m.get("mean_kl_to_full", math.nan),
             }
@@ -107,16 +121,70 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def stats_line(metrics: dict) -> str:
-    """A one-line digest for a policy's column: memory, speed, agreement with the full cache."""
+def stats_line(metrics: dict, reference: dict | None = None) -> str:
+    """A one-line digest for a policy's column: memory, the batch's speed, agreement with the full cache.
+
+    reference : `reference(results)` of the comparison (the full cache at the longest column's
+    length), so that equal bytes read as the same share in every column; without it, this column's
+    own full cache. The reference's length is said: "KV 368.6 kB (11% of full at 73 tokens)".
+    The speed is the batch's, which every column decoding with it shares ("batch speed").
+    """
+    reference = reference or full_reference([metrics])
+    share = 100 * metrics["kv_bytes_final"] / reference["bytes"] if reference["bytes"] else math.nan
+    speed = metrics["tokens_per_second"]
     parts = [
-        f"KV {human_bytes(metrics['kv_bytes_final'])} ({100 * metrics['kv_fraction']:.0f}% of full)",
-        f"{metrics['tokens_per_second']:.1f} tok/s" if math.isfinite(metrics["tokens_per_second"]) else "",
+        f"KV {human_bytes(metrics['kv_bytes_final'])} ({share:.0f}% of full at {reference['tokens']} tokens)",
+        f"batch speed {speed:.1f} tok/s" if math.isfinite(speed) else "",
     ]
     agreement = metrics.get("token_agreement", math.nan)
     if math.isfinite(agreement):
         parts.append(f"agrees with full on {100 * agreement:.0f}% of steps")
     return " · ".join(p for p in parts if p)
+
+
+def stats_lines(results: dict[str, RunResult]) -> dict[str, str]:
+    """Every column's `stats_line`, all against the comparison's one reference."""
+    ref = reference(results)
+    return {label: stats_line(res.metrics, ref) for label, res in results.items()}
+
+
+def kept_note(res: RunResult) -> str:
+    """What a column kept when its budget alone would mislead, for its title; "" when the budget says it.
+
+    - every layer kept the whole prompt (SnapKV on a prompt not longer than its window, or a budget
+      that covers the prompt): "prompt shorter than the window (64): kept whole";
+    - protected layers (D2O official: 0, 1 and the last): "layers 0, 1, 29 kept whole";
+    - a window (SnapKV, PyramidKV) that fills a layer's budget (sinks aside): the layer keeps only its
+      sinks and last tokens, a sliding window: "window 64 ≥ budget 48 tokens: a sliding window".
+    """
+    settings, budgets = res.settings, res.layer_budgets
+    n_prompt = int(res.metrics.get("prompt_tokens", 0))
+    if settings.get("policy", res.label) == "full" or budgets.empty or n_prompt <= 0:
+        return ""
+    whole = budgets["budget_tokens"].to_numpy() >= n_prompt
+    window = settings.get("window")
+    window = window if isinstance(window, int) and not isinstance(window, bool) else None
+    budget = settings.get("budget")
+    if whole.all():
+        if isinstance(budget, (int, float)) and budget >= 1:
+            return ""
+        if window is not None and n_prompt <= window:
+            return f"prompt shorter than the window ({window}): kept whole"
+        return "the budget covers the prompt: kept whole"
+    notes = []
+    protected = budgets.loc[budgets["protected"].astype(bool), "layer"].tolist()
+    if protected:
+        names = ", ".join(str(layer) for layer in protected)
+        notes.append(f"layer{'s' if len(protected) > 1 else ''} {names} kept whole")
+    if window is not None:
+        n_sink = int(settings.get("n_sink", 0) or 0)
+        filled = ~whole & (budgets["budget_tokens"].to_numpy() - n_sink <= window)
+        tight = budgets.loc[filled, "budget_tokens"]
+        if len(tight) == int((~whole).sum()) and tight.nunique() == 1:
+            notes.append(f"window {window} ≥ budget {int(tight.iloc[0])} tokens: a sliding window")
+        elif len(tight):
+            notes.append(f"window {window} ≥ budget in {len(tight)} layers: a sliding window there")
+    return "; ".join(notes)
 
 
 def budgets_line(res: RunResult) -> str:

@@ -8,7 +8,7 @@ The page's "Download run (JSON)", `python -m d2o_core compare --json` and `show`
 Layout of a file::
 
     {"schema_version": "d2o-run/2",
-     "meta": {"model", "prompt", "max_new_tokens", "created", "d2o_core_version", ...},
+     "meta": {"model", "prompt", "max_new_tokens", "question"?, "created", "d2o_core_version", ...},
      "results": {label: {"label", "text", "token_ids", "prompt_tokens", "generated_tokens",
                          "settings", "metrics", "events", "steps", "layer_budgets", "drift"}},
      "prompt_attention": {"n_layers", "n_kv_heads", "density": [L],
@@ -130,6 +130,7 @@ class Meta(BaseModel):
     model: str | None = None
     prompt: str | None = None
     max_new_tokens: int | None = None
+    question: str | None = None  # kept whole, read after the prompt's compression; absent: none
     created: str | None = None
     d2o_core_version: str | None = None
 
@@ -222,11 +223,15 @@ def _attention(rec: dict | None, results: dict[str, RunResult]) -> pd.DataFrame:
     if rec is None:
         return frame({}, ATTENTION_SCHEMA)
     tokens = next(iter(results.values())).prompt_tokens if results else []
-    shape = (rec["n_layers"], rec["n_kv_heads"], len(tokens))
     try:  # ragged lists make numpy raise; a regular array of another shape is caught below
         col = np.array(rec["column_sums"], dtype=np.float64)
     except ValueError:
         col = None
+    if col is not None and col.ndim == 3 and col.shape[2] < len(tokens):
+        # A run with a question (meta "question"): the prefill read the context alone, the question
+        # after its compression, so the attention covers the prompt's first tokens (as in the live run).
+        tokens = tokens[: col.shape[2]]
+    shape = (rec["n_layers"], rec["n_kv_heads"], len(tokens))
     if col is None or col.shape != shape or len(rec["density"]) != shape[0]:
         got = "ragged lists" if col is None else f"shape {col.shape} with {len(rec['density'])} densities"
         raise ValueError(

@@ -19,6 +19,7 @@ What it is not: no policy maths (policies/, ops.py), no figures, no result assem
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from . import metrics as M
 from .cache import PrefillCache, prefill_needs
 from .engine import Row, compress, decode_step, encode, encode_parts, hold, pick, prefill
 from .events import EventLog
+from .limits import check_prompt_chars
 from .models import LoadedModel
 from .policies import Policy
 from .run_result import RunResult, decode_text, make_result, prompt_attention, token_texts
@@ -76,7 +78,11 @@ def _check(lm: LoadedModel, prompt, policies, max_new_tokens, temperature) -> No
         raise ValueError(
             f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens!r}."
         )
-    if not isinstance(temperature, (int, float)) or temperature < 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 <= temperature < math.inf
+    ):
         raise ValueError(f"temperature must be 0 (greedy) or positive; got {temperature!r}.")
 
 
@@ -110,6 +116,7 @@ def iter_compare(
     _check(lm, prompt, policies, max_new_tokens, temperature)
     if question is not None and isinstance(question, str) and not question.strip():
         question = None  # a blank question box: the whole prompt is compressed
+    check_prompt_chars(prompt, question, lm.max_prompt_tokens)  # before tokenising: 10 MB took 10 s
     ids, held = (
         encode_parts(lm, prompt, question, chat) if question is not None else (encode(lm, prompt, chat), [])
     )

@@ -30,6 +30,7 @@ from .batching import RaggedBatch, StackedBatch, can_stack
 from .cache import PolicyCache, PrefillCache, prefill_needs
 from .engine import Row, compress, decode_step, encode, pick, prefill
 from .events import EventLog
+from .limits import check_prompt_chars
 from .models import LoadedModel
 from .policies import Policy
 from .run_result import decode_text
@@ -126,6 +127,8 @@ def serve_batch(
     """
     _check(prompts, policy, max_new_tokens, kv_cap_mb, batch)
     say = progress or (lambda text: None)
+    for p in prompts:  # before tokenising any: a huge text is refused at once
+        check_prompt_chars(p, None, lm.max_prompt_tokens)
     ids = [encode(lm, p, chat) for p in prompts]
     if any(not row for row in ids):
         raise ValueError("A prompt is empty after tokenisation; every row needs at least one token.")

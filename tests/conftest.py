@@ -105,6 +105,10 @@ def bundled():
 
 @pytest.fixture
 def cli_tiny(monkeypatch, tiny):
-    """The command line loads the tiny model instead of the bundled one."""
+    """The command line loads the tiny model instead of the bundled one (`compare` and `run` call the
+    name they imported, the eval commands `models.load_model`)."""
+    from d2o_core import __main__ as cli  # noqa: PLC0415
+
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(cli, "load_model", models.load_model)
     return tiny

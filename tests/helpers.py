@@ -116,6 +116,7 @@ PAGE_FIGURES = (
     "drift_fig",
     "cache_fig",
     "timeline_fig",
+    "step0_fig",
     "kept_fig",
     "survival_fig",
 )

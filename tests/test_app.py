@@ -105,7 +105,7 @@ def test_a_column_is_a_configuration_so_one_policy_can_run_twice(engine):
     assert list(last["state"]["results"]) == ["d2o@20%", "d2o(variant=official)", "d2o@40%"]
     assert [last[f"title:{i}"] for i in range(3)] == [
         "### D2O · 20 %",
-        "### D2O · variant=official · 20 %",
+        "### D2O · variant=official · 20 % (layers 0, 1, 3 kept whole)",  # the official code's
         "### D2O · 40 %",
     ]
     assert [last[f"col:{i}"]["visible"] for i in C.SLOTS] == [True, True, True, False, False, False]
@@ -158,11 +158,14 @@ def test_bad_advanced_settings_are_explained(engine):
         columns = lambda: P.Columns(list(picked), 20, P.settings_from_values(values))  # noqa: E731
         return refusal(C.run_comparison(engine, TEXT, columns, 4))
 
-    assert "D2O · protected layers: must be whole numbers" in run(
+    assert "D2O: protected_layers must be layer numbers" in run(
         advanced({("d2o", "protected_layers"): "first, last"})
     )
     assert "does not exist" in run(advanced({("d2o", "protected_layers"): "9"}))
     assert "SnapKV: kernel must be odd" in run(advanced({("snapkv", "kernel"): 4}), ["snapkv"])
+    assert "D2O: recent_share must be a number from 0 to 1; got 1.5." in run(
+        advanced({("d2o", "recent_share"): "1.5"})
+    )
 
 
 def test_unexpected_failures_are_reported_without_a_trace(monkeypatch):
@@ -220,6 +223,58 @@ def test_controls_reach_the_policies():
     assert policies["d2o"].label == "d2o(variant=official,merge=False)"
 
 
+def test_compress_every_shows_in_the_columns_title_and_as_a_saw_tooth_in_the_cache_figure(engine):
+    """H2O every 4 steps: the cache grows 3 entries past its budget, then is cut back to it; the line
+    above the cache heatmap draws that (a colour scale from 0 hid 48 against 51)."""
+    values = advanced({("h2o", "compress_every"): 4.0, ("streaming", "compress_every"): 0.0})
+    columns = P.Columns(["streaming", "h2o"], 30, P.settings_from_values(values))
+    last = list(C.run_comparison(engine, TEXT, columns, 9))[-1]
+    assert [last["title:0"], last["title:1"]] == [
+        "### StreamingLLM · compress\\_every=0 · 30 %",  # markdown: shows compress_every=0
+        "### H2O · compress\\_every=4 · 30 %",
+    ]
+    state = last["state"]
+    h2o = C.policy_views(state, "h2o(compress_every=4)", 0, 0)["cache_fig"]
+    stored, budget = (trace for trace in h2o.data if trace.type == "scatter")
+    b = budget.y[0]
+    assert list(budget.y) == [b] * 9 and list(stored.y) == [b + k % 4 for k in range(9)]
+    assert list(stored.x) == list(range(9))
+    once = C.policy_views(state, "streaming(compress_every=0)", 0, 0)["cache_fig"]
+    stored, budget = (trace for trace in once.data if trace.type == "scatter")
+    assert list(stored.y) == [budget.y[0] + k for k in range(9)]  # once after the prompt: it grows
+    full = C.policy_views(state, "nothing", 0, 0)["cache_fig"]
+    assert not full.data  # no such column: the empty figure
+
+
+def test_the_question_is_kept_whole_recorded_and_restored(engine, tmp_path, monkeypatch):
+    """The question box reaches the engine (read after the compression), the run file records it and
+    opening the file puts it back in the box; a blank box is no question."""
+    from d2o_core.runfile import load_run
+    from ui.open_run import open_run
+
+    seen = []
+    real = C.iter_compare
+    monkeypatch.setattr(C, "iter_compare", lambda *a, **k: seen.append(k["question"]) or real(*a, **k))
+    columns = P.Columns(["full", "h2o"], 30)
+    asked = list(C.run_comparison(engine, TEXT, columns, 3, None, C.Sampling(), "Which fox?"))[-1]
+    plain = list(C.run_comparison(engine, TEXT, columns, 3, None, C.Sampling(), "  "))[-1]
+    assert seen == ["Which fox?", None]
+    tokens = lambda page: page["state"]["results"]["h2o"].metrics["prompt_tokens"]  # noqa: E731
+    assert tokens(asked) > tokens(plain)  # the question's tokens are read too
+    assert "kept whole" in asked["status"] and "kept whole" not in plain["status"]
+    assert asked["state"]["meta"]["question"] == "Which fox?" and "question" not in plain["state"]["meta"]
+    paths = C.prepare_downloads(asked["state"], "h2o", 0, 0)["downloads"]
+    (run_json,) = [p for p in paths if p.endswith("run.json")]
+    assert json.loads(Path(run_json).read_text())["meta"]["question"] == "Which fox?"
+    # The attention covers the context (the question is read after the compression): reopened as live.
+    reopened, _ = load_run(run_json)
+    pd.testing.assert_frame_equal(reopened["h2o"].attention, asked["state"]["results"]["h2o"].attention)
+    assert open_run(run_json)["question"] == "Which fox?"
+    paths = C.prepare_downloads(plain["state"], "h2o", 0, 0)["downloads"]
+    assert open_run(next(p for p in paths if p.endswith("run.json")))["question"] == ""
+    assert stored_runs.first_view().get("question", "") == ""  # an example's stored run: no question
+
+
 def test_downloads_hold_csv_json_and_standalone_figures(finished, tmp_path):
     paths = C.prepare_downloads(finished[-1]["state"], "d2o", 1, 0)["downloads"]
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
@@ -230,7 +285,9 @@ def test_downloads_hold_csv_json_and_standalone_figures(finished, tmp_path):
         "drift.html",
         "events.csv",
         "kept_tokens.html",
+        "report.html",
         "run.json",
+        "step0.html",
         "survival.html",
         "timeline.html",
     ]
@@ -327,6 +384,13 @@ def test_sweep_tab_handler_draws_fidelity_against_budget(engine):
         list(run_sweep(engine, TEXT, ["full"], [20], 6))
 
 
+def test_a_columns_title_shows_its_settings_whole():
+    d2o = P.Columns([], 20, extras=[("d2o", "", "protected_layers=0,1, merge=no")]).policies()[0]
+    assert C.column_title(d2o.label, d2o.settings()) == (
+        "### D2O · merge=False, protected\\_layers=\\(0, 1\\) · 20 %"  # markdown: protected_layers=(0, 1)
+    )
+
+
 def test_pickers_redraw_only_when_a_person_moves_them(engine):
     """A finished run sets the pickers itself, its figures already drawn: a `change` event would
     redraw four of them a second time (the first view sent them twice before this)."""
@@ -363,3 +427,13 @@ def test_the_page_preloads_the_plotly_chunk_that_gradios_plot_imports():
     assets = Path(gr.__file__).parent / "templates" / "frontend" / "assets"
     importers = [p.name for p in assets.glob("Plot-*.js") if name in p.read_text(encoding="utf-8")]
     assert importers, f"no Plot chunk of this Gradio imports {name}"
+
+
+def test_the_status_line_shows_the_time_to_first_token_and_speed_as_the_run_goes(monkeypatch):
+    times = iter([10.0, 12.5, 14.5])  # the first token 2.5 s after the start, 4 steps 2 s later
+    monkeypatch.setattr(C.time, "monotonic", lambda: next(times))
+    clock = C.Progress(started=next(times))
+    assert clock.line(0) == "Generating… step 0 · first token after 2.5 s"
+    line = clock.line(4)
+    assert line.startswith("Generating… step 4 · first token after 2.5 s · 2.0 steps/s")
+    assert C.run_ended(line).startswith("Stopped after step 4;")

@@ -118,6 +118,16 @@ def test_compare_endpoint_answers_gradio_client(server):
     assert "Paris" in out["results"]["full"]["text"]
     metrics = out["results"]["d2o"]["metrics"]
     assert metrics["new_tokens"] <= 8 and 0 < metrics["kv_fraction"] <= 1
+    # The optional question and settings, as JSON through the client (2 tokens: the check is the types).
+    out = client.predict(
+        prompt="France is a country in Europe.",
+        policies=["h2o"],
+        max_new_tokens=2,
+        question="What is its capital?",
+        settings={"h2o": {"compress_every": "0", "n_sink": 2}},
+        api_name="/compare",
+    )
+    assert list(out["results"]) == ["h2o(n_sink=2,compress_every=0)"]
 
 
 def _browser():
@@ -134,6 +144,7 @@ FIGURE_IDS = [
     "budget-fig",
     "attention-fig",
     "timeline-fig",
+    "step0-fig",
     "kept-fig",
     "survival-fig",
     "cache-fig",
@@ -276,21 +287,37 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         assert page.inner_text("#status") == status
         assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0
         phase("stop")
-        # 6. Run with Advanced open and untouched but for an extra column (2 new tokens: the check is
-        # that it runs). Its blank fields ("blank: the variant's") stay blank once drawn: gr.Number drew
-        # them as 0, and Run refused with "Value 0 is less than minimum value 1."
+        # 6. Run with Advanced open and untouched but for H2O's compress_every and two extra columns,
+        # with a question kept whole (2 new tokens: the check is that it runs). Its blank fields
+        # ("blank: the variant's") stay blank once drawn: gr.Number drew them as 0, and Run refused
+        # with "Value 0 is less than minimum value 1."
         page.get_by_text("Advanced", exact=True).click()
         page.get_by_role("tab", name="D2O", exact=True).click()  # draws D2O's optional fields
         for blank in ("#set-d2o-recent_share", "#set-d2o-beta", "#extra-0-budget"):
             assert page.input_value(f"{blank} textarea") == "", blank
+        page.get_by_role("tab", name="H2O", exact=True).click()
+        page.fill("#set-h2o-compress_every input[type=number]", "4")  # every 4 steps
+        page.keyboard.press("Enter")  # a number box hands its value over on Enter or blur
         page.click("#extra-0 input")
         page.get_by_role("option", name="D2O", exact=True).click()  # the checkboxes' titles
-        page.fill("#extra-0-settings textarea", "variant=official")
+        # A comma starts a new setting only before `name=`: two protected layers can be typed.
+        page.fill("#extra-0-settings textarea", "variant=official, protected_layers=0,1, merge=no")
+        page.click("#extra-1 input")
+        # The first dropdown's list stays in the page: pick from this one's own.
+        page.locator("#extra-1").get_by_role("option", name="H2O", exact=True).click()
+        page.fill("#extra-1-settings textarea", "compress_every=0")  # once, after the prompt
+        page.fill("#question textarea", "What is the first item?")
         page.fill("#max-new input[type=number]", "2")
         page.keyboard.press("Enter")
         page.click("#run")
         status_has(page, "Done: ", 60_000)
-        assert "D2O · variant=official · 20 %" in page.inner_text("#title-4")
+        assert "kept whole" in page.inner_text("#status")  # the question was read after the compression
+        titles = [page.inner_text(f"#title-{i}") for i in range(6)]
+        assert "H2O · compress_every=4 · 20 %" in titles[2], titles
+        assert "D2O · variant=official, merge=False, protected_layers=(0, 1) · 20 %" in titles[4], titles
+        assert "H2O · compress_every=0 · 20 %" in titles[5], titles
+        assert all(page.input_value(f"#text-{i} textarea").strip() for i in range(6))
+        page.wait_for_function(ALL_FIGURES, timeout=30_000)
         assert page.locator(".toast-body").count() == 0  # no refusal, no error
         phase("advanced")
         browser.close()

@@ -1,7 +1,10 @@
 """Figures: each builder draws what its frame says, and survives an empty frame."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
@@ -95,9 +98,10 @@ def test_budget_heatmap_cells_hold_each_policys_fraction_and_density_sits_beside
     np.testing.assert_allclose(z[:, 0], [0.2, 0.2, 0.2])
     np.testing.assert_allclose(z[:, 1], [0.5, 0.1, 0.3])
     assert heat.colorbar.title.text == "share of prompt kept"
-    # The colours span the compressed layers (D2O's differences stay visible), not 0-100 %.
-    assert (heat.zmin, heat.zmax) == (0.1, 0.5)
-    assert np.asarray(heat.text)[0, 1] == "50"  # each cell shows its budget in tokens
+    # The colours span 0-100 %: a full layer (100 %) is never the colour of D2O's largest one.
+    assert (heat.zmin, heat.zmax) == (0, 1)
+    assert np.asarray(heat.text)[0, 1] == "50"  # each cell shows its budget in tokens, readable
+    assert heat.textfont.size >= 11
     hover = np.asarray(heat.hovertext)
     assert "protected" in hover[0, 1] and "protected" not in hover[0, 0] and "protected" not in hover[1, 1]
     assert "50 tokens" in hover[0, 1]
@@ -105,14 +109,31 @@ def test_budget_heatmap_cells_hold_each_policys_fraction_and_density_sits_beside
     assert len(bars) == 1 and bars[0].xaxis == "x2" and bars[0].orientation == "h"
     np.testing.assert_allclose(bars[0].x, [0.7, 0.2, 0.4])
     assert bars[0].marker.color == figures.policy_colours(["h2o", "d2o"])["d2o"]
+    assert fig.layout.xaxis2.title.text == "F_l (high = sparse)"
     assert fig.layout.title.text == "Per-layer KV budget"
     assert fig.layout.template == pio.templates["plotly_white"]
+
+
+def test_budget_heatmap_puts_the_full_cache_at_the_top_and_drops_numbers_too_small_to_read():
+    n = 30
+    d2o = budgets(list(np.linspace(0.12, 0.24, n)), [0.3] * n, [False] * n)
+    full = budgets([1.0] * n, [np.nan] * n, [False] * n)
+    fig = figures.budget_heatmap(with_policy({"full": full, "d2o": d2o}))
+    heat = fig.data[0]
+    stops = [colour for _, colour in heat.colorscale]  # Viridis: evenly spaced stops
+    rgb = lambda v: px.colors.sample_colorscale(stops, [(v - heat.zmin) / (heat.zmax - heat.zmin)])  # noqa: E731
+    assert rgb(1.0) != rgb(0.24) and heat.zmax == 1  # the full cache apart from D2O's largest layer
+    row_px = (fig.layout.height - 150) / n
+    assert row_px >= heat.textfont.size + 3 >= 14  # 30 layers: each row has room for its number
+    many = budgets([0.2] * 120, [0.3] * 120, [False] * 120)
+    crowded = figures.budget_heatmap(with_policy({"d2o": many})).data[0]
+    assert crowded.text is None and crowded.texttemplate is None  # no number rather than an unreadable one
 
 
 def test_budget_heatmap_without_density_says_so_instead_of_drawing_bars():
     fig = figures.budget_heatmap(with_policy({"h2o": budgets([0.3, 0.3], [np.nan] * 2, [False, True])}))
     assert [t.type for t in fig.data] == ["heatmap"]
-    assert any("density" in text for text in annotation_texts(fig))
+    assert any("F_l" in text for text in annotation_texts(fig))
 
 
 def test_cache_over_time_cells_hold_stored_entries_per_layer_and_step():
@@ -141,17 +162,50 @@ def test_timeline_marks_evictions_and_merges_and_links_each_merge_to_its_target(
     evicted, merged, links = trace(fig, "evicted"), trace(fig, "merged"), trace(fig, "merged into")
     assert {t.type for t in (evicted, merged, links)} == {"scatter"}  # a few events: SVG, not WebGL
     assert (evicted.marker.symbol, evicted.marker.color) != (merged.marker.symbol, merged.marker.color)
-    # Other layers and heads are filtered out.
-    assert list(evicted.x) == [0] and list(evicted.y) == [4]
-    assert list(merged.x) == [0, 3] and list(merged.y) == [6, 12]
-    assert list(links.x) == [0, 0.35, None, 3, 3.35, None]  # slanted, so one step's links stay apart
-    assert list(links.y) == [6, 2, None, 12, 99, None]
-    assert "⏎foo" in evicted.hovertext[0] and "score 0.01" in evicted.hovertext[0]
+    # Decoding steps on the right; other layers and heads are filtered out; step 0 has a band of its own.
+    assert {evicted.xaxis, merged.xaxis, links.xaxis} == {"x2"}
+    assert list(evicted.x) == [] and list(merged.x) == [3] and list(merged.y) == [12]
+    assert list(links.x) == [3, 3.35, None]  # slanted, so one step's links stay apart
+    assert list(links.y) == [12, 99, None]
     # The target's text comes from another layer's row; "<b>" is escaped, not rendered as markup.
-    assert "·cat" in merged.hovertext[0] and "·the" in merged.hovertext[0] and "0.91" in merged.hovertext[0]
-    assert "&lt;b&gt;" in merged.hovertext[1] and "position 99" in merged.hovertext[1]
-    assert [s.y0 for s in fig.layout.shapes] == [9.5] and "generated tokens start" in annotation_texts(fig)
+    assert "&lt;b&gt;" in merged.hovertext[0] and "position 99" in merged.hovertext[0]
+    band_merged, band_evicted = trace(fig, "merged at step 0"), trace(fig, "evicted at step 0")
+    assert band_merged.xaxis == band_evicted.xaxis == "x" and band_merged.orientation == "h"
+    # Ten prompt positions: one bar each; position 6 was merged at step 0, position 4 evicted.
+    assert list(band_merged.y) == list(range(10)) and list(band_merged.x) == [0] * 6 + [1] + [0] * 3
+    assert list(band_evicted.x) == [0] * 4 + [1] + [0] * 5
+    assert "⏎foo" not in str(band_evicted.hovertext) and "position 4" in band_evicted.hovertext[4]
+    assert {s.y0 for s in fig.layout.shapes} == {9.5} and "generated tokens start" in annotation_texts(fig)
     assert all(str(part) in fig.layout.title.text for part in ("d2o", "layer 0", "head 0"))
+
+
+def test_timeline_spreads_hundreds_of_step0_merges_over_positions_instead_of_one_column():
+    n_prompt, rng = 850, np.random.default_rng(1)
+    gone = np.sort(rng.choice(np.arange(4, n_prompt - 20), 680, replace=False))
+    kinds = np.where(np.arange(680) % 5 == 0, "evict", "merge")
+    events = frame(
+        {
+            "step": [0] * 680 + [1, 2],
+            "layer": [0] * 682,
+            "head": [0] * 682,
+            "kind": [*kinds, "evict", "merge"],
+            "position": [*gone, 2, 849],
+            "token": ["w"] * 682,
+            "target_position": [*np.where(kinds == "merge", 0, -1), -1, 1],
+            "similarity": [0.9] * 682,
+            "score": [0.1] * 682,
+        },
+        EVENTS_SCHEMA,
+    )
+    fig = figures.timeline(events, 0, 0, n_prompt, "d2o")
+    markers = [t for t in fig.data if t.type == "scatter" and t.mode == "markers"]
+    assert len(markers) == 2
+    assert all(0 not in list(t.x) for t in markers)  # no pile of markers at x = 0
+    band = [trace(fig, "merged at step 0"), trace(fig, "evicted at step 0")]
+    assert 20 <= len(band[0].y) <= 64  # spread over the positions, a bar per span
+    counts = [sum(x * w for x, w in zip(t.x, t.width)) for t in band]
+    assert np.allclose(counts, [(kinds == "merge").sum(), (kinds == "evict").sum()])
+    assert list(trace(fig, "evicted").x) == [1] and list(trace(fig, "merged").x) == [2]
 
 
 def test_timeline_for_a_head_without_events_explains_instead_of_raising():
@@ -179,10 +233,13 @@ def test_timeline_builds_with_fifty_thousand_events():
         EVENTS_SCHEMA,
     )
     fig = figures.timeline(events, 0, 0, n_prompt=3500)
-    n_merges = int((kinds == "merge").sum())
-    assert len(trace(fig, "evicted").x) + len(trace(fig, "merged").x) == n
+    later = events["step"].to_numpy() > 0  # step 0's events are the band on the left
+    n_merges = int(((kinds == "merge") & later).sum())
+    assert len(trace(fig, "evicted").x) + len(trace(fig, "merged").x) == later.sum()
     assert len(trace(fig, "merged into").x) == 3 * n_merges
-    assert {t.type for t in fig.data} == {"scattergl"}  # WebGL for this many; a small one is SVG (above)
+    # WebGL for this many; a small one is SVG (above). The step-0 band is bars.
+    assert {t.type for t in fig.data if t.xaxis == "x2"} == {"scattergl"}
+    assert {t.type for t in fig.data if t.xaxis == "x"} == {"bar"}
 
 
 def survival_frame(n: int) -> pd.DataFrame:
@@ -213,10 +270,11 @@ def test_survival_tiles_are_coloured_by_kept_share_in_reading_order():
     assert text[0, 0] == "&lt;s&gt;" and text[0, 1] == "·a_ve…" and text[0, 2] == "⏎b"
     assert "·a_very_long_token" in hover[0, 1] and "position 5" in hover[1, 1]
     assert heat.colorscale[0][1] != heat.colorscale[-1][1] and (heat.zmin, heat.zmax) == (0, 1)
-    assert fig.layout.yaxis.autorange == "reversed" and fig.layout.xaxis.visible is False
+    assert tuple(fig.layout.yaxis.range) == (2.5, -0.5) and fig.layout.xaxis.visible is False
+    assert heat.textfont.size >= 11 and not fig.layout.updatemenus  # three rows: one page
 
 
-def test_survival_outlines_sinks_and_marks_merged_tokens():
+def test_survival_outlines_sinks_and_marks_merged_tokens_under_their_text():
     df = survival_frame(10)
     fig = figures.survival(df, per_row=4)
     sinks = trace(fig, "attention sink")
@@ -229,17 +287,42 @@ def test_survival_outlines_sinks_and_marks_merged_tokens():
         (2, 1),
         (0, 1),
     }
-    dots = trace(fig, "partly merged")
+    bars = trace(fig, "merged share (bar length)")
     merged_positions = np.flatnonzero(df["merged_share"] > 0)  # position 9 has kept 1.0, so no merge
-    np.testing.assert_allclose(np.floor(dots.x), merged_positions % 4)
-    np.testing.assert_allclose(np.round(dots.y), merged_positions // 4)
+    starts, ends = np.asarray(bars.x[0::3], float), np.asarray(bars.x[1::3], float)
+    np.testing.assert_allclose(np.round(starts), merged_positions % 4)
+    # A bar's length is the merged share, and it runs along the tile's lower edge, under the text.
+    np.testing.assert_allclose(ends - starts, 0.9 * df["merged_share"].to_numpy()[merged_positions])
+    offsets = np.asarray(bars.y[0::3], float) - merged_positions // 4
+    assert (offsets > 0.3).all() and (offsets < 0.5).all()
 
 
-def test_survival_height_grows_with_rows_and_is_capped():
-    short = figures.survival(survival_frame(10), per_row=4).layout.height
-    long = figures.survival(survival_frame(400), per_row=4).layout.height
-    huge = figures.survival(survival_frame(4000), per_row=4).layout.height
-    assert short < long <= huge == 1600
+def test_survival_of_a_4k_token_prompt_pages_rows_of_readable_text():
+    fig = figures.survival(survival_frame(4000))
+    heat = fig.data[0]
+    n_rows = np.asarray(heat.z).shape[0]
+    low, high = sorted(fig.layout.yaxis.range)
+    shown = high - low
+    assert shown <= 24 and n_rows == 200  # a page of rows, not 200 rows squeezed into one figure
+    assert heat.textfont.size >= 11 and (fig.layout.height - 200) / shown >= 24  # px per row
+    (menu,) = fig.layout.updatemenus
+    pages = [b.args[0]["yaxis.range"] for b in menu.buttons]
+    assert len(pages) == -(-n_rows // 24) and pages[0] == [23.5, -0.5] and pages[-1][0] == n_rows - 0.5
+    assert fig.layout.dragmode == "pan"  # and the rows can be dragged
+
+
+def test_survival_puts_generated_tokens_on_rows_of_their_own_and_outlines_marks():
+    df = survival_frame(10)
+    marks = pd.DataFrame({"name": ["needle", "question"], "start": [4, 7], "end": [6, 8]})
+    fig = figures.survival(df, per_row=4, n_prompt=6, marks=marks)
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (3, 4)  # 6 prompt tokens on rows 0-1, then 4 generated tokens on row 2
+    np.testing.assert_allclose(z[2], df["kept_share"][6:])
+    assert np.isnan(z[1, 2:]).all()
+    assert [s.y0 for s in fig.layout.shapes] == [1.5] and "generated ↓" in annotation_texts(fig)
+    needle, question = trace(fig, "needle"), trace(fig, "question")
+    assert {(round(x), round(y)) for x, y in zip(needle.x, needle.y) if x is not None} == {(0, 1), (1, 1)}
+    assert {round(x) for x in question.x if x is not None} == {1} and question.line.color != needle.line.color
 
 
 def test_drift_agreement_is_the_running_mean_in_both_panels_with_one_colour_per_policy():
@@ -319,8 +402,102 @@ def test_every_builder_turns_an_empty_frame_into_a_no_data_note(name):
     assert fig.layout.title.text and fig.layout.template == pio.templates["plotly_white"]
 
 
-def test_to_html_is_a_standalone_document_with_plotly_inlined():
-    html = figures.to_html(figures.drift(empty_with_policy(DRIFT_SCHEMA)))
+def test_a_figure_file_leaves_plotly_js_out_and_says_where_to_look():
+    html = figures.to_html(figures.drift(empty_with_policy(DRIFT_SCHEMA)), caption="How to read <it>")
     assert html.lstrip().lower().startswith("<!doctype html>") and html.rstrip().endswith("</html>")
-    assert "<body>" in html and "Plotly.newPlot" in html and len(html) > 1_000_000  # plotly.js is ~4 MB
-    assert 'src="https://cdn.plot.ly' not in html
+    assert "<html>" in html[:200] and "Plotly.newPlot" in html and len(html) < 100_000  # plotly.js is ~4.7 MB
+    assert "<script src" not in html.replace("'", '"').replace('"', "") and "cdn.plot.ly" not in html
+    assert "report.html" in html and "How to read &lt;it&gt;" in html
+
+
+def step0_events() -> pd.DataFrame:
+    """Layer 1 head 0 at step 0: positions 2 and 3 merged into 5, 6 into 0, 4 evicted; noise elsewhere."""
+    return frame(
+        {
+            "step": [0, 0, 0, 0, 0, 3],
+            "layer": [1, 1, 1, 1, 0, 1],
+            "head": [0, 0, 0, 0, 0, 0],
+            "kind": ["merge", "merge", "evict", "merge", "evict", "evict"],
+            "position": [2, 3, 4, 6, 1, 5],
+            "token": [" b", " c", " d", " f", " a", " e"],
+            "target_position": [5, 5, -1, 0, -1, -1],
+            "similarity": [0.9, 0.8, np.nan, 0.7, np.nan, np.nan],
+            "score": [0.1] * 6,
+        },
+        EVENTS_SCHEMA,
+    )
+
+
+def test_step0_view_strikes_evicted_tokens_and_links_each_merged_one_to_its_target():
+    tokens = ["<s>", " a", " b", " c", " d", " e", " f", " g"]
+    fig = figures.step0(step0_events(), tokens, layer=1, head=0, policy="d2o", n_sink=1, per_row=4)
+    heat = fig.data[0]
+    state = np.asarray(heat.customdata).ravel()[:8].tolist()
+    assert state == ["target", "kept", "merged", "merged", "evicted", "target", "merged", "kept"]
+    text = np.asarray(heat.text).ravel()[:8]
+    # Targets are numbered in reading order: position 0 is #1 (absorbed 1), position 5 is #2 (absorbed 2).
+    assert text[0].endswith("#1 ←1") and text[5].endswith("#2 ←2")
+    assert text[2].endswith("→#2") and text[3].endswith("→#2") and text[6].endswith("→#1")
+    assert text[4].startswith("<s>") and "</s>" in text[4] and "<s>" not in text[1]  # evicted: struck through
+    assert text[1] == "·a<br>"  # kept: the token alone (step 3's eviction of " e" is not step 0)
+    z = np.asarray(heat.z).ravel()
+    colour = lambda i: heat.colorscale[int(2 * z[i])][1]  # noqa: E731 - the stepped scale: two stops per code
+    assert colour(2) == colour(3) != colour(6)  # merged into the same token: the same colour
+    assert colour(2) != colour(5) and colour(4) != colour(1)  # target strong, merged light; evicted grey
+    hover = np.asarray(heat.hovertext).ravel()
+    assert "into #2 <b>·e</b> (position 5)" in hover[2] and "absorbed 2: ·b, ·c" in hover[5]
+    assert heat.textfont.size >= 11
+    assert "7 prompt tokens" not in annotation_texts(fig)[0] and "8 prompt tokens" in annotation_texts(fig)[0]
+    assert "3 merged into 2 kept tokens, 1 evicted" in annotation_texts(fig)[0]
+    assert all(part in fig.layout.title.text for part in ("Step 0", "layer 1", "head 0", "d2o"))
+
+
+def test_step0_view_of_a_long_prompt_pages_and_of_a_quiet_head_says_nothing_left():
+    tokens = [f" w{i}" for i in range(4000)]
+    fig = figures.step0(step0_events(), tokens, layer=1, head=0)
+    low, high = sorted(fig.layout.yaxis.range)
+    assert high - low <= 16 and len(fig.layout.updatemenus[0].buttons) == 250 // 16 + 1
+    quiet = figures.step0(step0_events(), tokens[:8], layer=5, head=0)
+    assert set(np.asarray(quiet.data[0].customdata).ravel()[:8]) == {"kept"}
+    assert "all kept at step 0" in annotation_texts(quiet)[0]
+    assert annotation_texts(figures.step0(step0_events(), [], 1, 0)) == [figures.NO_DATA]
+
+
+def test_every_figure_builder_has_a_one_line_caption_and_a_place_in_the_figure_list():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import ui.figures as package
+
+    builders = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name == "common":  # the helpers the builders share, not figures of their own
+            continue
+        module = importlib.import_module(f"ui.figures.{info.name}")
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ == module.__name__ and not name.startswith("_"):
+                if inspect.signature(fn).return_annotation in (go.Figure, "go.Figure"):
+                    builders.add(name)
+    assert {"budget_heatmap", "timeline", "step0", "survival", "kept_tokens", "cache_over_time"} <= builders
+    assert builders <= set(figures.CAPTIONS), builders - set(figures.CAPTIONS)
+    for name, caption in figures.CAPTIONS.items():
+        assert caption and "\n" not in caption and len(caption) < 500, name
+    listed = [name for entries in figures.FIGURES.values() for name, _ in entries]
+    assert sorted(listed) == sorted(builders)
+
+
+def test_f_l_is_worded_one_way_in_figures_and_captions():
+    d2o = budgets([0.5, 0.1], [0.7, 0.2], [False, False])
+    axis = figures.budget_heatmap(with_policy({"d2o": d2o})).layout.xaxis2.title.text
+    assert axis == figures.common.F_L_AXIS == "F_l (high = sparse)"
+    assert (
+        "high F_l = sparse, peaked attention" in figures.F_L_MEANING
+        and "low F_l = dense" in figures.F_L_MEANING
+    )
+    assert (
+        figures.F_L_MEANING in figures.CAPTIONS["budget_heatmap"]
+        and figures.F_L_MEANING in figures.CAPTIONS["attention_map"]
+    )
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "policies.md").read_text().replace("`", "")
+    assert "high f_l = sparse, peaked attention" in docs.lower() and "low f_l = dense" in docs.lower()

@@ -159,4 +159,4 @@ def test_the_interop_benchmark_reports_a_ratio_and_equal_tokens(tiny):
 
     out = run_interop_bench(tiny, prompt_tokens=300, budget=0.3, new_tokens=3, policies=["d2o"], repeats=1)
     for stats in out["policies"].values():
-        assert stats["same_tokens"] and stats["generate_over_explorer"] > 0
+        assert stats["same_tokens"] and stats["decode_generate_over_explorer"] > 0

@@ -166,7 +166,10 @@ def test_the_html_report_has_every_figure_and_works_offline(results, saved):
     back, meta = runfile.load_run(saved)
     html = report_html(back, meta)
     offline(html)
-    assert html.count('class="plotly-graph-div"') == 4 + 3 * len(results)  # 4 shared, 3 per policy
+    # 4 shared, 3 per policy, and the step-0 view of each policy that compressed
+    assert html.count('class="plotly-graph-div"') == 4 + 3 * len(results) + sum(
+        label != "full" for label in results
+    )
     for title in ("Per-layer budgets", "Drift from the full cache", "Eviction and merge timeline · h2o"):
         assert title in html
     assert "<table" in html and "KV MB (final)" in html

@@ -191,7 +191,7 @@ def test_attention_from_explicit_probabilities_matches_sdpa_on_a_padded_gqa_batc
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from d2o_core.capture import Padded, attend_with_probs
+    from d2o_core import ops
 
     torch.manual_seed(0)
     rows, n_q, n_kv, width, dim = 3, 6, 2, 11, 16
@@ -200,8 +200,7 @@ def test_attention_from_explicit_probabilities_matches_sdpa_on_a_padded_gqa_batc
     mask = (torch.arange(width)[None, :] < torch.tensor([11, 7, 4])[:, None])[:, None, None, :]
     module = SimpleNamespace(num_key_value_groups=n_q // n_kv, is_causal=True)
     expected, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=0.25)
-    key = Padded(keys, mask, wants_probs=True)
-    got = attend_with_probs(query, key, Padded(values, mask), 0.25)
+    got, probs = ops.attend_one(query, keys, values, 0.25, mask[:, 0, 0])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert key.probs.shape == (rows, n_kv, n_q // n_kv, width)
-    assert torch.equal(key.probs[1, :, :, 7:], torch.zeros(n_kv, n_q // n_kv, 4))  # padding gets nothing
+    assert probs.shape == (rows, n_kv, n_q // n_kv, width)
+    assert torch.equal(probs[1, :, :, 7:], torch.zeros(n_kv, n_q // n_kv, 4))  # padding gets nothing

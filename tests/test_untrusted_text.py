@@ -45,8 +45,8 @@ PAYLOADS = (
 HOSTILE = " ".join(PAYLOADS)
 FILE_NAME = "<img src=x onerror=alert(1)>[x](javascript:alert(1)).json"  # a name has no slash
 MARKDOWN_OUTPUTS = ("status", "title:", "stats:")  # gr.Markdown components of the Compare tab
-TEXT_OUTPUTS = ("text:", "prompt")  # Textboxes: their value is text whatever it holds
-FIGURE_TAGS = {"br", "b", "extra"}  # the only tags the figure code writes in plotly's text
+TEXT_OUTPUTS = ("text:", "prompt", "question")  # Textboxes: their value is text whatever it holds
+FIGURE_TAGS = {"br", "b", "s", "extra"}  # the only tags the figure code writes in plotly's text
 LIVE_HTML = re.compile(r"<\s*/?\s*(svg|a|form|img|input|div|iframe|object|embed|style|script)\b", re.I)
 AUTOLINK = re.compile(r"javascript:|https?:|www\.|(?<!\\)@|\$\$|```|%%%", re.I)
 MARKDOWN = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
@@ -65,7 +65,11 @@ def results(tiny):
 
 def hostile_run(results: dict, folder: Path) -> Path:
     """A valid run file of `results` whose every string carries markup (see PAYLOADS)."""
-    doc = json.loads(runfile.save_run(results, {"model": HOSTILE, "prompt": HOSTILE, "max_new_tokens": 4}))
+    doc = json.loads(
+        runfile.save_run(
+            results, {"model": HOSTILE, "prompt": HOSTILE, "question": HOSTILE, "max_new_tokens": 4}
+        )
+    )
     doc["meta"]["created"] = HOSTILE
     renamed = {}
     for i, (label, rec) in enumerate(doc["results"].items()):

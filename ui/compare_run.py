@@ -13,6 +13,7 @@ travel in the page's `gr.State`), no figure code (`ui/figures/`).
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from d2o_core import POLICIES, iter_compare, run_summary
+from d2o_core import POLICIES, iter_compare, limits, run_summary
 from d2o_core.events import ATTENTION_SCHEMA, EVENTS_SCHEMA, KEPT_SCHEMA, STEPS_SCHEMA, SURVIVAL_SCHEMA, frame
 from d2o_core.shape_models import NOTICE
 
@@ -29,7 +30,15 @@ from . import figures
 from .engine import Engine, gpu
 from .errors import page_errors, refused_in_status
 from .policy_controls import MAX_COLUMNS, Columns
-from .run_figures import attention_figure, budget_figure, drift_figure, kept_figure
+from .report_html import report_html
+from .run_figures import (
+    attention_figure,
+    budget_figure,
+    drift_figure,
+    kept_figure,
+    step0_figure,
+    survival_figure,
+)
 from .safe_text import markdown_text
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,7 @@ FIGURE_OUTPUTS = (
     "budget_fig",
     "attention_fig",
     "timeline_fig",
+    "step0_fig",
     "kept_fig",
     "survival_fig",
     "cache_fig",
@@ -61,17 +71,23 @@ class Sampling:
     chat: bool = True
 
 
-def column_title(label: str, settings: dict) -> str:
+def column_title(label: str, settings: dict, note: str = "") -> str:
     """'d2o(variant=official)@40%' -> '### D2O · variant=official · 40 %' (the budget always shown).
+
+    note : what the column kept when its budget alone would mislead (`run_summary.kept_note`), after
+    the budget: 'SnapKV · 20 % (prompt shorter than the window (64): kept whole)'.
 
     The label and settings may come from a run file: what they say is shown as text (`safe_text`).
     """
     name = str(settings.get("policy", label))
     title = POLICIES[name].title if name in POLICIES else markdown_text(name)
-    rest = label.split("@")[0][len(name) :].strip("()")
-    parts = [title, *([markdown_text(rest.replace(",", ", "))] if rest else [])]
+    rest = label.split("@")[0][len(name) :]
+    if rest.startswith("(") and rest.endswith(")"):
+        rest = rest[1:-1]  # only the label's own brackets: "protected_layers=(0, 1)" keeps its tuple's
+    rest = re.sub(r",(?=\S)", ", ", rest)  # between settings; a tuple's "0, 1" already has its space
+    parts = [title, *([markdown_text(rest)] if rest else [])]
     if name != "full" and isinstance(settings.get("budget"), (int, float)):
-        parts.append(f"{100 * settings['budget']:g} %")
+        parts.append(f"{100 * settings['budget']:g} %" + (f" ({markdown_text(note)})" if note else ""))
     return "### " + " · ".join(parts)
 
 
@@ -88,18 +104,21 @@ def run_comparison(
     max_new_tokens: int,
     model: str | None = None,
     sampling: Sampling | None = None,
+    question: str | None = None,
 ):
     """Stream a comparison: yields dicts of output name -> value (texts per step, then figures).
 
     columns : what to run, or a function that reads it from the page's controls (called inside the
     page's error handling, so a bad setting becomes a sentence).
+    question : kept whole: the prompt is then the context, which every column compresses; the
+    question is read after the compression and never evicted by it. Blank or None: no question.
 
     Bad input ends the stream with its sentence in the status line ("Not run: ...") and a warning
     toast; an unexpected failure raises a `gr.Error` (see `errors.py`).
     """
     try:
         with page_errors("Generation"):
-            run = _run(engine, prompt, columns, max_new_tokens, model, sampling or Sampling())
+            run = _run(engine, prompt, columns, max_new_tokens, model, sampling or Sampling(), question)
             yield from refused_in_status(run, "status")
     except GeneratorExit:  # Gradio closes the generator on Stop (and when the page goes away)
         log.info("Generation stopped before the end (Stop, or the page was closed).")
@@ -114,16 +133,52 @@ def run_ended(status: str | None):
     """
     status = status or ""
     if status.startswith("Generating"):
-        step = status.rpartition("step ")[2].strip(" .…")
+        step = re.search(r"step (\d+)", status)
+        step = step.group(1) if step else "?"
         return f"Stopped after step {step}; the texts above are what each policy wrote until then."
     if status.startswith(IN_PROGRESS):
         return "Stopped before the first token."
     return gr.skip()
 
 
-def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Sampling):
+@dataclass
+class Progress:
+    """The status line while a run streams: the step, the time to the first token, steps per second."""
+
+    started: float
+    first: float | None = None  # seconds from the start to the first token (the prompt's pass)
+
+    def line(self, step: int) -> str:
+        now = time.monotonic() - self.started
+        if self.first is None:
+            self.first = now
+        text = f"Generating… step {step} · first token after {self.first:.1f} s"
+        if step and now > self.first:
+            text += f" · {step / (now - self.first):.1f} steps/s (all columns together)"
+        return text
+
+
+def within_time_limit(stream, seconds: float | None = None):
+    """`stream`'s updates until the request's wall-time limit (`D2O_MAX_REQUEST_SECONDS`); past it the
+    stream is closed (the model is free at once) and a sentence says why."""
+    seconds = limits.limits().request_seconds if seconds is None else seconds
+    deadline = time.monotonic() + seconds
+    try:
+        for update in stream:
+            yield update
+            if time.monotonic() > deadline:
+                raise ValueError(
+                    f"The request ran past its time limit of {seconds:g} s and was stopped; ask for fewer "
+                    "tokens or columns (D2O_MAX_REQUEST_SECONDS sets the limit)."
+                )
+    finally:
+        stream.close()
+
+
+def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Sampling, question=None):
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("The prompt is empty: type a prompt or pick an example.")
+    question = question if isinstance(question, str) and question.strip() else None
     policies = (columns() if callable(columns) else columns).policies()
     titles = {f"title:{i}": f"### {p.title}" for i, p in enumerate(policies)}
     yield blank_columns(len(policies)) | titles | STALE | {"status": "Starting…"}
@@ -133,7 +188,9 @@ def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Samp
     slot: dict[str, int] = {}
     pending: dict = {}  # texts not sent yet: whole steps go out together, at most every STREAM_EVERY_S
     sent, step = -float("inf"), None
-    for update in stream_compare(lm, prompt, policies, int(max_new_tokens), sampling):
+    clock = Progress(time.monotonic())
+    stream = stream_compare(lm, prompt, policies, int(max_new_tokens), sampling, question)
+    for update in within_time_limit(stream):
         if update.kind == "status":
             yield pending | {"status": update.text}
             pending = {}
@@ -142,21 +199,30 @@ def _run(engine, prompt, columns: Columns, max_new_tokens, model, sampling: Samp
                 yield pending
                 pending, sent = {}, time.monotonic()
             i, step = slot.setdefault(update.label, len(slot)), update.step
-            pending |= {f"text:{i}": update.text, "status": f"Generating… step {update.step}"}
+            pending |= {f"text:{i}": update.text, "status": clock.line(update.step)}
         else:
             n_prompt = next(iter(update.results.values())).metrics["prompt_tokens"]
+            read = (
+                f"{n_prompt} prompt tokens read once (the question after the context's compression, "
+                "kept whole)"
+                if question
+                else f"{n_prompt} prompt tokens read once"
+            )
             status = (
-                f"Done: {n_prompt} prompt tokens read once, then {len(update.results)} columns decoded "
+                f"Done: {read}, then {len(update.results)} columns decoded "
                 f"together as one batch (model {markdown_text(lm.name)})."
                 + (f" Note: {NOTICE}" if lm.shape_only else "")
             )
             meta = {"model": lm.name, "prompt": prompt, "max_new_tokens": int(max_new_tokens)}
+            if question:  # a run file without it (older, or no question) means none
+                meta["question"] = question
             yield results_page(update.results, status, meta)
 
 
 @gpu
-def stream_compare(lm, prompt, policies, max_new_tokens, sampling: Sampling):
-    """`iter_compare` with the page's sampling settings (on a Space, inside its GPU allocation)."""
+def stream_compare(lm, prompt, policies, max_new_tokens, sampling: Sampling, question: str | None = None):
+    """`iter_compare` with the page's sampling settings and question (on a Space, inside its GPU
+    allocation)."""
     yield from iter_compare(
         lm,
         prompt,
@@ -165,6 +231,7 @@ def stream_compare(lm, prompt, policies, max_new_tokens, sampling: Sampling):
         chat=sampling.chat,
         temperature=float(sampling.temperature),
         seed=int(sampling.seed),
+        question=question,
     )
 
 
@@ -185,10 +252,11 @@ def results_page(results: dict, status: str, meta: dict) -> dict:
     layer = first["n_layers"] // 2
     state = {"results": results, "model": meta.get("model"), "n_prompt": first["prompt_tokens"], "meta": meta}
     out = blank_columns(len(labels))
+    stats = run_summary.stats_lines(results)  # every column against one reference
     for i, label in enumerate(labels):
         res = results[label]
-        out |= {f"title:{i}": column_title(label, res.settings), f"text:{i}": res.text}
-        out[f"stats:{i}"] = run_summary.stats_line(res.metrics)
+        title = column_title(label, res.settings, run_summary.kept_note(res))
+        out |= {f"title:{i}": title, f"text:{i}": res.text, f"stats:{i}": stats[label]}
     out |= {
         "status": status,
         "state": state,
@@ -197,8 +265,8 @@ def results_page(results: dict, status: str, meta: dict) -> dict:
         "drift_fig": drift_figure(results),
         "attention_fig": attention_figure(results),
         "view": gr.update(choices=labels, value=view),
-        "layer": gr.update(maximum=first["n_layers"] - 1, value=layer),
-        "head": gr.update(maximum=first["n_kv_heads"] - 1, value=0),
+        "layer": picker(gr.update(maximum=first["n_layers"] - 1, value=layer)),
+        "head": picker(gr.update(maximum=first["n_kv_heads"] - 1, value=0)),
     }
     return out | policy_views(state, view, layer, 0)
 
@@ -214,7 +282,7 @@ def policy_views(state: dict | None, label: str, layer: int, head: int) -> dict:
         } | timeline_view(None, label, 0, 0)
     return {
         "cache_fig": figures.cache_over_time(res.steps, label),
-        "survival_fig": figures.survival(res.survival(), label),
+        "survival_fig": survival_figure(res, label),
     } | timeline_view(state, label, layer, head)
 
 
@@ -226,37 +294,58 @@ def timeline_view(state: dict | None, label: str, layer: int, head: int) -> dict
         empty = frame({}, EVENTS_SCHEMA)
         return {
             "timeline_fig": figures.timeline(empty, 0, 0, 0),
+            "step0_fig": figures.step0(empty, [], 0, 0),
             "kept_fig": figures.kept_tokens(frame({}, ATTENTION_SCHEMA), frame({}, KEPT_SCHEMA), 0, 0),
         }
     return {
         "timeline_fig": figures.timeline(res.events, int(layer), int(head), state["n_prompt"], label),
+        "step0_fig": step0_figure(res, layer, head, label),
         "kept_fig": kept_figure(results, layer, head),
     }
 
 
 def prepare_downloads(state: dict | None, label: str, layer: int, head: int) -> dict:
-    """Write events CSV, the run JSON and every figure as standalone HTML; returns the file list."""
+    """Write events CSV, the run JSON, the offline report (every figure, plotly.js once) and each figure
+    as HTML without plotly.js; returns the file list."""
     if not state or not state.get("results"):
         raise gr.Error("Nothing to download yet: run a prompt first.", print_exception=False)
     results = state["results"]
     folder = Path(tempfile.mkdtemp(prefix="d2o-run-"))
+    meta = state.get("meta") or {"model": state["model"]}
     files = {
         "events.csv": run_summary.events_csv(results),
-        "run.json": run_summary.comparison_json(results, state.get("meta") or {"model": state["model"]}),
+        "run.json": run_summary.comparison_json(results, meta),
+        "report.html": report_html(results, meta),
     }
     views = policy_views(state, label, layer, head)
-    figs = {
-        "budget_heatmap": budget_figure(results),
-        "attention": attention_figure(results),
-        "drift": drift_figure(results),
-        "cache_over_time": views["cache_fig"],
-        "timeline": views["timeline_fig"],
-        "kept_tokens": views["kept_fig"],
-        "survival": views["survival_fig"],
+    figs = {  # file name: (figure, its builder's name for the caption)
+        "budget_heatmap": (budget_figure(results), "budget_heatmap"),
+        "attention": (attention_figure(results), "attention_map"),
+        "drift": (drift_figure(results), "drift"),
+        "cache_over_time": (views["cache_fig"], "cache_over_time"),
+        "timeline": (views["timeline_fig"], "timeline"),
+        "step0": (views["step0_fig"], "step0"),
+        "kept_tokens": (views["kept_fig"], "kept_tokens"),
+        "survival": (views["survival_fig"], "survival"),
     }
-    files |= {f"{name}.html": figures.to_html(fig) for name, fig in figs.items()}
+    files |= {
+        f"{name}.html": figures.to_html(fig, figures.CAPTIONS[key]) for name, (fig, key) in figs.items()
+    }
     paths = []
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
         paths.append(str(folder / name))
     return {"downloads": paths}
+
+
+def picker(update: dict) -> dict:
+    """A layer or head slider's update that Gradio accepts for a model of one layer or one kv-head.
+
+    Gradio builds the slider anew from an update and refuses a range from 0 to 0 outside the
+    handler (the page showed a blank "Error"): such a slider spans 0 to 1, at 0 (1 draws an empty
+    timeline). It stays interactive: Gradio would keep interactive=False for the next run's slider.
+    """
+    maximum = update.get("maximum")
+    if maximum is not None and maximum < 1:
+        return update | {"maximum": 1, "value": 0}
+    return update

@@ -1,10 +1,10 @@
 """The Compare tab: controls, one streaming column per configuration, then the figures. Wiring only.
 
-Zones: (1) prompt, examples (each shows its stored run at once), policies, budget, Advanced
-(generated per policy from the registry, extra columns, sampling), Run and Stop; (2) up to six
-columns, one per configuration, streaming their text with a stats line; (3) the figures with their
-pickers, downloads and "Open a run". Behaviour lives in `compare_run.py`, `stored_runs.py` and
-`open_run.py`; this module only places components and connects them.
+Zones: (1) prompt, the question kept whole, examples (each shows its stored run at once), policies,
+budget, Advanced (generated per policy from the registry, extra columns, sampling), Run and Stop;
+(2) up to six columns, one per configuration, streaming their text with a stats line; (3) the
+figures with their pickers, downloads and "Open a run". Behaviour lives in `compare_run.py`,
+`stored_runs.py` and `open_run.py`; this module only places components and connects them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import gradio as gr
 from d2o_core import POLICIES
 
 from . import compare_run as C
+from . import figures, stored_runs
 from . import policy_controls as P
-from . import stored_runs
 from .engine import Engine
 from .open_run import open_run
 from .wiring import initial, wire
@@ -25,13 +25,24 @@ SAMPLING_HELP = {
     "seed": "Sampling seed; the same seed gives the same text.",
     "chat": "Wrap the prompt in the model's chat template.",
 }
-FIGURES = {  # output name: (label, element id), in page order below the pickers
-    "timeline_fig": ("Eviction and merge timeline", "timeline-fig"),
-    "kept_fig": ("What each column kept of one layer and head", "kept-fig"),
-    "survival_fig": ("Token survival over the prompt", "survival-fig"),
-    "cache_fig": ("Cache size over time", "cache-fig"),
-    "drift_fig": ("Drift from the full cache", "drift-fig"),
+QUESTION_HELP = (
+    "With a question, the prompt above is the context: each column compresses it, then reads the "
+    "question, which no compression evicts (kvpress's convention). The question is not part of the "
+    "examples' stored runs."
+)
+FIGURES = {  # output name: (label, element id, builder: its caption in figures.CAPTIONS), below the pickers
+    "timeline_fig": ("Eviction and merge timeline", "timeline-fig", "timeline"),
+    "step0_fig": ("Step 0: the prompt compression, token by token", "step0-fig", "step0"),
+    "kept_fig": ("What each column kept of one layer and head", "kept-fig", "kept_tokens"),
+    "survival_fig": ("Token survival over the prompt and the generated text", "survival-fig", "survival"),
+    "cache_fig": ("Cache size over time", "cache-fig", "cache_over_time"),
+    "drift_fig": ("Drift from the full cache", "drift-fig", "drift"),
 }
+
+
+def caption(builder: str) -> gr.Markdown:
+    """The one-line "how to read this" under a figure (ui/figures' CAPTIONS)."""
+    return gr.Markdown(f"*How to read this:* {figures.CAPTIONS[builder]}", elem_classes=["caption"])
 
 
 def _controls(engine: Engine, first: dict) -> dict:
@@ -100,11 +111,13 @@ def _figures(first: dict) -> dict:
     out["budget_fig"] = gr.Plot(
         **initial(first, "budget_fig"), label="Per-layer budgets", elem_id="budget-fig"
     )
+    caption("budget_heatmap")
     out["attention_fig"] = gr.Plot(
         **initial(first, "attention_fig"),
         label="The prompt's attention, layer by layer",
         elem_id="attention-fig",
     )
+    caption("attention_map")
     with gr.Row():
         out["view"] = gr.Dropdown(
             **initial(first, "view", choices=[]), label="Column shown below", elem_id="view"
@@ -115,12 +128,14 @@ def _figures(first: dict) -> dict:
         out["head"] = gr.Slider(
             **initial(first, "head", minimum=0, maximum=1, value=0), step=1, label="KV head", elem_id="head"
         )
-    for name, (label, elem_id) in FIGURES.items():
+    for name, (label, elem_id, builder) in FIGURES.items():
         out[name] = gr.Plot(**initial(first, name), label=label, elem_id=elem_id)
+        caption(builder)
     with gr.Row():
         with gr.Accordion("Downloads", open=False):
             prepare = gr.Button(
-                "Prepare downloads (events CSV, run JSON, figures as HTML)", elem_id="prepare"
+                "Prepare downloads (events CSV, run JSON, one offline report, figures as HTML)",
+                elem_id="prepare",
             )
             out["downloads"] = gr.File(
                 file_count="multiple", label="Files", interactive=False, elem_id="downloads"
@@ -148,6 +163,15 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
                 elem_id="prompt",
                 placeholder="Type a prompt, or pick an example",
             )
+            question = gr.Textbox(
+                **initial(first, "question"),
+                label="Question, never compressed",
+                info=QUESTION_HELP,
+                lines=1,
+                max_lines=4,
+                elem_id="question",
+                placeholder="Optional: blank compresses the whole prompt",
+            )
             max_new = gr.Slider(1, 256, 64, step=1, label="Max new tokens", elem_id="max-new")
             examples = gr.Examples(
                 [[e["prompt"], e["max_new_tokens"]] for e in stored_runs.examples()],
@@ -162,8 +186,8 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
     state = gr.State()
     out = _columns(first) | _figures(first)
     outputs = {k: v for k, v in out.items() if k not in ("open", "prepare")}
-    outputs |= {"status": status, "state": state, "prompt": prompt, "run": c["run"]}
-    _wire_run(engine, c, prompt, max_new, outputs)
+    outputs |= {"status": status, "state": state, "prompt": prompt, "question": question, "run": c["run"]}
+    _wire_run(engine, c, prompt, question, max_new, outputs)
     _wire_views(out, outputs, state)
     page = list(outputs.values())
     examples.dataset.click(
@@ -176,19 +200,29 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
     return {"prompt": prompt, "picked": c["picked"], "model": c["model"]}
 
 
-def _wire_run(engine: Engine, c: dict, prompt, max_new, outputs: dict) -> None:
+def _wire_run(engine: Engine, c: dict, prompt, question, max_new, outputs: dict) -> None:
     n_advanced = len(c["advanced"])
 
-    def compare(prompt, picked, budget, max_new, model, temperature, seed, chat, *values):
+    def compare(prompt, question, picked, budget, max_new, model, temperature, seed, chat, *values):
         def columns():
             settings = P.settings_from_values(list(values[:n_advanced]))
             return P.Columns(picked, budget, settings, P.extras_from_values(list(values[n_advanced:])))
 
         # A cleared seed box sends None: blank means the default seed, as elsewhere on the page.
         sampling = C.Sampling(temperature, 0 if seed is None else seed, chat)
-        yield from C.run_comparison(engine, prompt, columns, max_new, model, sampling)
+        yield from C.run_comparison(engine, prompt, columns, max_new, model, sampling, question)
 
-    inputs = [prompt, c["picked"], c["budget"], max_new, c["model"], c["temperature"], c["seed"], c["chat"]]
+    inputs = [
+        prompt,
+        question,
+        c["picked"],
+        c["budget"],
+        max_new,
+        c["model"],
+        c["temperature"],
+        c["seed"],
+        c["chat"],
+    ]
     event = c["run"].click(
         wire(compare, outputs),
         [*inputs, *c["advanced"], *c["extras"]],
@@ -208,7 +242,7 @@ def _wire_run(engine: Engine, c: dict, prompt, max_new, outputs: dict) -> None:
 
 def _wire_views(out: dict, outputs: dict, state) -> None:
     pickers = [state, out["view"], out["layer"], out["head"]]
-    views = [out[k] for k in ("cache_fig", "survival_fig", "timeline_fig", "kept_fig")]
+    views = [out[k] for k in ("cache_fig", "survival_fig", "timeline_fig", "step0_fig", "kept_fig")]
     # `input`, not `change`: a finished run sets the pickers itself, with its figures already drawn;
     # redrawing them on that change sent four figures twice as the page opened.
     out["view"].input(wire(C.policy_views, outputs), pickers, views, api_visibility="private")
@@ -216,7 +250,7 @@ def _wire_views(out: dict, outputs: dict, state) -> None:
         picker.input(
             wire(C.timeline_view, outputs),
             pickers,
-            [out["timeline_fig"], out["kept_fig"]],
+            [out["timeline_fig"], out["step0_fig"], out["kept_fig"]],
             api_visibility="private",
         )
     out["prepare"].click(

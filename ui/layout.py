@@ -1,7 +1,7 @@
 """The page: `build_demo(engine) -> gr.Blocks`, its tabs in order. Wiring only.
 
 Tabs: Compare (`compare_tab.py`), Budget sweep (`sweep_tab.py`), Throughput (`throughput_tab.py`)
-and About (assets/about.md). Each tab module places its own components and connects them to its
+and About (`about.py`). Each tab module places its own components and connects them to its
 handlers; this module only orders the tabs, the JSON API (`api.py`) and the launch options.
 """
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import api, compare_tab, sweep_tab, throughput_tab
+from . import about, api, compare_tab, sweep_tab, throughput_tab
 from .engine import Engine
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-ABOUT = (ASSETS / "about.md").read_text(encoding="utf-8") if (ASSETS / "about.md").is_file() else ""
+ABOUT = about.about_markdown()  # assets/about.md with the policy table and figure list generated
 INTRO = (
     "# D2O Cache Explorer\nSee what KV-cache compression does to a language model: the same prompt, "
     "generated with several cache policies side by side, and what each one kept, evicted and merged."
@@ -67,9 +67,15 @@ def build_demo(engine: Engine) -> gr.Blocks:
             policies: list[str] = list(api.API_POLICIES),  # noqa: B006 - gr.api shows it as the default
             budget: float = api.API_BUDGET,
             max_new_tokens: int = api.API_MAX_NEW_TOKENS,
+            question: str | None = None,
+            settings: dict | None = None,
         ) -> dict:
-            """Texts and metrics per policy; only the prompt is needed (README: "Python client / API")."""
-            return api.api_compare(engine, prompt, policies, budget, max_new_tokens)
+            """Texts and metrics per policy; only the prompt is needed (README: "Python client / API").
+
+            question: kept whole, read after the prompt's compression; settings: per policy, e.g.
+            {"d2o": {"merge": "no"}, "h2o": {"compress_every": 0}}.
+            """
+            return api.api_compare(engine, prompt, policies, budget, max_new_tokens, question, settings)
 
         gr.api(compare_api, api_name="compare", concurrency_id="model")
     return demo

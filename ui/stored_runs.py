@@ -92,7 +92,13 @@ def example_page(name: str) -> dict | None:
         "shown at once; press Run again to compute it live with your settings."
     )
     page = results_page(results, status, dict(meta))
-    return page | {"prompt": meta.get("prompt", ""), "run": gr.update(value="Run again")}
+    # The question box shows what the stored run ran with (none for the bundled examples).
+    question = meta.get("question") if isinstance(meta.get("question"), str) else ""
+    return page | {
+        "prompt": meta.get("prompt", ""),
+        "question": question,
+        "run": gr.update(value="Run again"),
+    }
 
 
 def first_view() -> dict:

@@ -6,14 +6,17 @@ What this module is: a benchmark that prints ratios measured in one run (the mac
 and noisy; ratios measured side by side hold). For each policy it generates the same passkey
 prompt (tasks.py) greedily with `d2o_core.generate` and with `model.generate(past_key_values=
 cache_for(...))`, interleaved over `repeats` rounds, checks that both give the same tokens, and
-reports the median prefill-to-last-token time of each and their ratio, plus a plain
-`model.generate()` (full cache) as the floor.
+reports each side's median prefill time and decode ms per token (from the runs' own clocks: the
+explorer's, and the cache's hooks), their ratios, and a plain `model.generate()` (full cache) as the
+floor.
 
 What it is not: a profiler; the times are wall clocks around whole generations.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -45,36 +48,46 @@ def run_interop_bench(
     policies: list[str],
     repeats: int = 3,
 ) -> dict:
-    """Per policy: median seconds of the explorer's `generate` and of `model.generate` with `cache_for`."""
+    """Per policy: medians of prefill seconds and decode ms/token, the explorer's `generate` against
+    `model.generate(past_key_values=cache_for(...))`, their ratios, and whether the tokens agree."""
     count = lambda s: len(lm.tokenizer(s)["input_ids"])  # noqa: E731
     ids = encode(lm, make_sample("passkey", prompt_tokens, 0.5, 0, count).prompt, chat=True)
     inputs = torch.tensor([ids], device=lm.device)
-    # EOS ignored on both sides (min_new_tokens), so both generate exactly `new_tokens` tokens.
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    kwargs |= {"pad_token_id": 0, "attention_mask": torch.ones_like(inputs)}
+    # No EOS on either side, so both generate exactly `new_tokens` tokens by the same rule (argmax).
+    lm = dataclasses.replace(lm, eos_ids=set())
+    config = copy.deepcopy(lm.model.generation_config)
+    config.eos_token_id, config.pad_token_id, config.do_sample = None, 0, False
+    kwargs = {
+        "max_new_tokens": new_tokens,
+        "generation_config": config,
+        "attention_mask": torch.ones_like(inputs),
+    }
     out = {"prompt_tokens": len(ids), "budget": budget, "new_tokens": new_tokens, "policies": {}}
     plain = []
     for name in policies:
         policy = build(name, budget)
-        times = {"explorer": [], "generate": []}
+        rows = {"explorer": [], "generate": []}
         same = True
-        for _ in range(repeats):
-            t, ref = _timed(lambda p=policy: generate(lm, ids, p, max_new_tokens=new_tokens, fidelity=False))
-            times["explorer"].append(t)
-            t, got = _timed(
-                lambda p=policy: lm.model.generate(inputs, past_key_values=cache_for(lm, p), **kwargs)
-            )
-            times["generate"].append(t)
-            n = len(ref.token_ids)
-            same &= got[0, len(ids) : len(ids) + n].tolist() == ref.token_ids
+        for _ in range(repeats):  # interleaved, so machine noise hits both alike
+            ref = generate(lm, ids, policy, max_new_tokens=new_tokens, fidelity=False)
+            rows["explorer"].append(ref.metrics)
+            cache = cache_for(lm, policy)
+            got = lm.model.generate(inputs, past_key_values=cache, **kwargs)
+            rows["generate"].append(cache.result(got).metrics)
+            same &= got[0, len(ids) :].tolist() == ref.token_ids
             plain.append(_timed(lambda: lm.model.generate(inputs, **kwargs))[0])
-        explorer, hf = statistics.median(times["explorer"]), statistics.median(times["generate"])
-        out["policies"][name] = {
-            "explorer_seconds": explorer,
-            "generate_seconds": hf,
-            "generate_over_explorer": hf / explorer,
-            "same_tokens": same,
+        stats = {
+            f"{side}_{key}": statistics.median(m[key] for m in runs)
+            for side, runs in rows.items()
+            for key in ("prefill_seconds", "decode_ms_per_token")
         }
+        stats["decode_generate_over_explorer"] = (
+            stats["generate_decode_ms_per_token"] / stats["explorer_decode_ms_per_token"]
+        )
+        stats["prefill_generate_over_explorer"] = (
+            stats["generate_prefill_seconds"] / stats["explorer_prefill_seconds"]
+        )
+        out["policies"][name] = stats | {"same_tokens": same}
     out["plain_generate_seconds"] = statistics.median(plain)
     return out
 
@@ -96,9 +109,11 @@ def cmd_interop_bench(args) -> int:
     print(f"plain model.generate (full cache): {out['plain_generate_seconds']:.2f} s")
     for name, s in out["policies"].items():
         print(
-            f"{name}: explorer {s['explorer_seconds']:.2f} s, "
-            f"generate(cache_for) {s['generate_seconds']:.2f} s, "
-            f"ratio {s['generate_over_explorer']:.2f}, same tokens: {s['same_tokens']}"
+            f"{name}: decode ms/token explorer {s['explorer_decode_ms_per_token']:.1f}, "
+            f"generate(cache_for) {s['generate_decode_ms_per_token']:.1f} "
+            f"(ratio {s['decode_generate_over_explorer']:.2f}); prefill s explorer "
+            f"{s['explorer_prefill_seconds']:.2f}, generate {s['generate_prefill_seconds']:.2f} "
+            f"(ratio {s['prefill_generate_over_explorer']:.2f}); same tokens: {s['same_tokens']}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -3,7 +3,8 @@
 What this module is: `run_sweep` (tasks.py's retrieval samples; one `compare` call per sample,
 so the full cache and every (policy, budget) pair share one prefill) and `fidelity_sweep` (the
 app's "Budget sweep" tab: the user's prompt, fidelity to the full cache per policy and budget),
-both returning tidy DataFrames, their summary tables, and the `sweep` subcommand.
+both returning tidy DataFrames in memory, and their summary tables (readme_tables.py uses them).
+The `sweep` subcommand (resumable cells, your data, Ray) is sweep_cli.py.
 
 What it is not: no plotting (ui/figures.py's `sweep_curves` draws these frames), no timing
 method of its own (bench.py), no new metric: numbers come from `RunResult.metrics` and
@@ -14,14 +15,12 @@ when "full" is among the policies asked for.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 
 import pandas as pd
 
 from ..policies import POLICIES, build
 from ..runner import compare, result_labels
-from . import bench
 from .tasks import TASKS, make_suite, score
 
 FIDELITY = ("token_agreement", "mean_kl_to_full", "nll_of_reference", "kv_fraction")
@@ -162,37 +161,3 @@ def score_table(df: pd.DataFrame, columns: Sequence[str] = ("task",)) -> pd.Data
 def fidelity_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean KV fraction, agreement, KL, NLL and decode time per (policy, budget)."""
     return df.groupby(["policy", "budget"], sort=False)[list(METRICS)].mean().reset_index()
-
-
-def cmd_sweep(args) -> int:
-    names = bench.split(args.policies, str, "--policies", "full,h2o,d2o")
-    budgets = bench.split(args.budgets, float, "--budgets", "0.1,0.2,0.4")
-    task_list = bench.split(args.tasks, str, "--tasks", "passkey,kv")
-    _grid(names, budgets), _check_tasks(task_list)  # fail on bad input before loading the model
-    lengths = bench.split(args.lengths, int, "--lengths", "512,1024")
-    depths = bench.split(args.depths, float, "--depths", "0.1,0.5,0.9")
-    lm = bench.load(args)
-    with bench.progress_bar("sweep") as progress:
-        df = run_sweep(lm, task_list, lengths, depths, budgets, names, args.samples, args.seed,
-                       args.max_new_tokens, progress)  # fmt: skip
-    print(score_table(df).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
-    if args.csv:
-        df.to_csv(args.csv, index=False)
-        print(f"wrote {args.csv}", file=sys.stderr)
-    return 0
-
-
-def add_parser(sub, model_args: Callable) -> None:
-    """Add the `sweep` subcommand to the CLI's subparsers."""
-    p = sub.add_parser("sweep", help="score policies on retrieval tasks across budgets, lengths and depths")
-    p.add_argument("--tasks", default="passkey,kv", help=f"comma list of {', '.join(TASKS)}")
-    p.add_argument("--lengths", default="512,1024", help="prompt lengths in tokens, comma list")
-    p.add_argument("--budgets", default="0.1,0.2,0.4", help="fractions in (0, 1], comma list")
-    p.add_argument("--policies", default="full,streaming,h2o,d2o", help=", ".join(POLICIES))
-    p.add_argument("--samples", type=int, default=1, help="samples (needle seeds) per task, length and depth")
-    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths in [0, 1], comma list")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="kv needs ~24 with the bundled model")
-    p.add_argument("--csv", default="sweep.csv", help="where the tidy rows go")
-    p.add_argument("--seed", type=int, default=0)
-    model_args(p)
-    p.set_defaults(func=cmd_sweep)

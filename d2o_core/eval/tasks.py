@@ -144,7 +144,20 @@ def _assemble(spec: _Spec, n: int, depth: float) -> str:
 
 def _fit(spec: _Spec, depth: float, target: int, count: Callable[[str], int], task: str) -> tuple[str, int]:
     """Largest prompt (in filler units) with at most ``target`` tokens; interpolation search."""
-    best = _assemble(spec, 0, depth)
+    unit_text = spec.sep.join(spec.unit(i) for i in range(32))
+    return fit_units(lambda n: _assemble(spec, n, depth), unit_text, target, count, task)
+
+
+def fit_units(
+    build: Callable[[int], str], unit_text: str, target: int, count: Callable[[str], int], task: str
+) -> tuple[str, int]:
+    """(prompt, tokens): the largest ``build(n)`` with at most ``target`` tokens (interpolation search).
+
+    ``build(n)`` is the prompt with ``n`` filler units (its length grows with ``n``); ``unit_text`` is 32
+    units as they would be joined, for the first guess of tokens per unit. Other task modules (ruler.py)
+    fit their prompts with it too.
+    """
+    best = build(0)
     lo, t_lo = 0, count(best)
     t0 = t_lo
     if t_lo > target:
@@ -152,7 +165,7 @@ def _fit(spec: _Spec, depth: float, target: int, count: Callable[[str], int], ta
             f"target_tokens={target} is too small for task {task!r}: its instructions, needle and "
             f"question alone take {t_lo} tokens. Ask for at least {t_lo} tokens (a few hundred is typical)."
         )
-    per_unit = max(count(spec.sep.join(spec.unit(i) for i in range(32))) / 32, 0.5)
+    per_unit = max(count(unit_text) / 32, 0.5)
     hi, t_hi, bisect = 4 * target + 64, math.inf, False
     slack = max(3, target // 100)
     for _ in range(64):
@@ -163,7 +176,7 @@ def _fit(spec: _Spec, depth: float, target: int, count: Callable[[str], int], ta
         else:
             guess = lo + round((target - t_lo) * (hi - lo) / (t_hi - t_lo))
         n = min(max(guess, lo + 1), hi - 1)
-        text, width = _assemble(spec, n, depth), hi - lo
+        text, width = build(n), hi - lo
         t = count(text)
         per_unit = max((t - t0) / n, 0.1)
         if t <= target:

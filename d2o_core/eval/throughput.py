@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..policies import POLICIES, Policy, build
+from ..policies.parse import parse_assignments
 from ..run_summary import jsonable
 from ..serving import MB, admit_shared, cap_too_small, decode_rows, entry_bytes, full_cache_mb
 from . import bench
@@ -308,19 +309,8 @@ def print_report(doc: dict) -> None:
 
 
 def settings_from_args(assignments: list[str]) -> dict[str, dict]:
-    """`["d2o.variant=official"]` -> {"d2o": {"variant": "official"}}; values parsed as JSON if they are."""
-    out: dict[str, dict] = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        name, dot, field = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--set takes policy.setting=value, e.g. d2o.variant=official; got {item!r}.")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        out.setdefault(name, {})[field] = tuple(value) if isinstance(value, list) else value
-    return out
+    """`["d2o.variant=official", "d2o.merge=no"]` -> typed settings per policy (`policies.parse`)."""
+    return parse_assignments(assignments)
 
 
 def cmd_throughput(args) -> int:

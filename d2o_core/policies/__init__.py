@@ -40,7 +40,7 @@ POLICIES: dict[str, type[Policy]] = {
 def build(name: str, budget: float = 0.2, **settings) -> Policy:
     """A policy from its registry name, e.g. `build("d2o", 0.2, variant="official")`."""
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}.")
+        raise ValueError(f"unknown policy {repr(name)[:40]}; choose from {', '.join(POLICIES)}.")
     cls = POLICIES[name]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - known)

@@ -69,7 +69,8 @@ class D2O(Policy):
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}; got {self.variant!r}.")
+            # The sentence base.check_setting gives (the variant is needed before that check runs).
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {repr(self.variant)[:40]}.")
         defaults = VARIANTS[self.variant]
         for key in ("recent_share", "beta", "protected_layers"):
             if getattr(self, key) is None:

@@ -11,7 +11,19 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..safe_text import html_text
-from .common import _check, _empty, _labelled, _layout, policy_colours
+from .common import apply_layout, empty_figure, missing_columns, policy_colours, with_safe_labels
+
+CAPTIONS = {
+    "drift": (
+        "Each column reads the full cache's own text; top: at each step, how far its next-token "
+        "distribution is from the full cache's (KL, 0 = identical); bottom: the share of steps so far "
+        "on which it would have picked the same next token."
+    ),
+    "sweep_curves": (
+        "One measure (agreement with the full cache, KL to it, or a task's score) against the KV budget, "
+        "the share of the prompt each layer keeps: one line per policy, its mean at each budget."
+    ),
+}
 
 
 def drift(drift: pd.DataFrame) -> go.Figure:
@@ -28,9 +40,9 @@ def drift(drift: pd.DataFrame) -> go.Figure:
         Two stacked panels sharing x = step: kl_to_full, and the cumulative mean of `agrees`.
     """
     title = "Drift from the full cache (teacher-forced on its tokens)"
-    if _check(drift, ["policy", "step", "kl_to_full", "agrees"], title):
-        return _empty(title)
-    drift = _labelled(drift)
+    if missing_columns(drift, ["policy", "step", "kl_to_full", "agrees"], title):
+        return empty_figure(title)
+    drift = with_safe_labels(drift)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
     colours = policy_colours(list(pd.unique(drift["policy"])))
     for policy, rows in drift.groupby("policy", sort=False):
@@ -49,7 +61,7 @@ def drift(drift: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(title_text="KL to full (nats)", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="top-1 agreement so far", range=[0, 1.02], tickformat=".0%", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    return _layout(fig, title, 560)
+    return apply_layout(fig, title, 560)
 
 
 def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "task") -> go.Figure:
@@ -70,11 +82,13 @@ def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "tas
         Lines with markers, y axes shared; hover shows the mean and how many rows it averages.
     """
     title = f"{y} against KV budget"
-    if _check(sweep, ["policy", "budget", y], title):
-        return _empty(title)
+    if missing_columns(sweep, ["policy", "budget", y], title):
+        return empty_figure(title)
     facet = facet if facet is not None and facet in sweep.columns else None
     keys = ([facet] if facet else []) + ["policy", "budget"]
-    agg = _labelled(sweep).groupby(keys, sort=False).agg(mean=(y, "mean"), n=(y, "count")).reset_index()
+    agg = (
+        with_safe_labels(sweep).groupby(keys, sort=False).agg(mean=(y, "mean"), n=(y, "count")).reset_index()
+    )
     panels = sorted(pd.unique(agg[facet]), key=str) if facet else [None]
     n_cols = min(len(panels), 4)  # wider than four panels is unreadable on a ~1000 px page
     n_rows = -(-len(panels) // n_cols)
@@ -94,6 +108,6 @@ def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "tas
             seen.add(policy)
     fig.update_xaxes(tickformat=".0%", title_text="KV budget (% of prompt)", row=n_rows)
     fig.update_yaxes(title_text=f"mean {y}", col=1)
-    fig = _layout(fig, title, 420 + 260 * (n_rows - 1))
+    fig = apply_layout(fig, title, 420 + 260 * (n_rows - 1))
     # Facet titles sit where a top legend would go, so this legend stands on the right.
     return fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top"))

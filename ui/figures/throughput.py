@@ -15,8 +15,18 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from .common import _empty, _labelled, _layout, policy_colours
+from .common import apply_layout, empty_figure, policy_colours, with_safe_labels
 
+CAPTIONS = {
+    "tokens_vs_batch": (
+        "Generated tokens per second as more rows decode together (log x), one line per policy; a star "
+        "marks each policy's largest batch that fits under the KV memory cap."
+    ),
+    "cap_bars": (
+        "Generated tokens per second of each policy at its largest batch under the same KV memory cap; "
+        "the label gives the ratio to the full cache and the batch size."
+    ),
+}
 NO_DATA = "No throughput results: run the benchmark (Run live, or `make results`)"
 NEEDED = ("policy", "batch", "tokens_per_second", "mode")
 
@@ -24,7 +34,7 @@ NEEDED = ("policy", "batch", "tokens_per_second", "mode")
 def _usable(df: pd.DataFrame | None, mode: str) -> pd.DataFrame:
     if df is None or df.empty or not set(NEEDED) <= set(df.columns):
         return pd.DataFrame(columns=list(NEEDED))
-    return _labelled(df[df["mode"] == mode])
+    return with_safe_labels(df[df["mode"] == mode])
 
 
 def _hover(df: pd.DataFrame) -> list[str]:
@@ -46,7 +56,7 @@ def tokens_vs_batch(df: pd.DataFrame, title: str = "Tokens per second against ba
     """
     sweep, cap = _usable(df, "sweep"), _usable(df, "cap")
     if sweep.empty and cap.empty:
-        return _empty(title, NO_DATA)
+        return empty_figure(title, NO_DATA)
     colours = policy_colours(list(pd.concat([sweep["policy"], cap["policy"]]).unique()))
     fig = go.Figure()
     for policy, rows in sweep.groupby("policy", sort=False):
@@ -91,7 +101,7 @@ def tokens_vs_batch(df: pd.DataFrame, title: str = "Tokens per second against ba
     batches = sorted(set(sweep["batch"]) | set(cap["batch"]))
     fig.update_xaxes(title_text="batch size (rows decoded together)", type="log", tickvals=batches)
     fig.update_yaxes(title_text="generated tokens per second", rangemode="tozero")
-    _layout(fig, title, 460)
+    apply_layout(fig, title, 460)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0))
     return fig.update_layout(margin=dict(b=110))
 
@@ -106,7 +116,7 @@ def cap_bars(df: pd.DataFrame, title: str = "Tokens per second under the same KV
     """
     cap = _usable(df, "cap")
     if cap.empty:
-        return _empty(title, NO_DATA)
+        return empty_figure(title, NO_DATA)
     full = cap.loc[cap["policy"] == "full", "tokens_per_second"]
     base = float(full.iloc[0]) if len(full) and full.iloc[0] > 0 else None
     colours = policy_colours(list(cap["policy"]))
@@ -129,4 +139,4 @@ def cap_bars(df: pd.DataFrame, title: str = "Tokens per second under the same KV
     top = float(cap["tokens_per_second"].max())
     fig.update_yaxes(title_text="generated tokens per second", range=[0, 1.25 * top if top > 0 else 1])
     fig.update_layout(showlegend=False)
-    return _layout(fig, title, 420)
+    return apply_layout(fig, title, 420)
