@@ -132,3 +132,23 @@ def figure_data(fig) -> dict:
 def page_props(demo) -> dict:
     """{elem_id: props} of a built page's components, as its config sends them to the browser."""
     return {c["props"].get("elem_id"): c["props"] for c in demo.config["components"] if "props" in c}
+
+
+def page_order(demo, tab: str | None = None) -> list[dict]:
+    """A built page's components in page order (depth first through its layout config), each as its
+    config entry ({"id", "type", "props", ...}); with `tab`, only those inside the tab of that label."""
+    components = {c["id"]: c for c in demo.config["components"]}
+
+    def visit(node) -> list[dict]:
+        here = [components[node["id"]]] if node["id"] in components else []
+        return here + [c for child in node.get("children", []) for c in visit(child)]
+
+    def find(node):
+        c = components.get(node["id"])
+        if c is not None and c["type"] == "tabitem" and c["props"].get("label") == tab:
+            return node
+        return next((hit for child in node.get("children", []) if (hit := find(child))), None)
+
+    root = demo.config["layout"] if tab is None else find(demo.config["layout"])
+    assert root is not None, f"no tab {tab!r}"
+    return visit(root)

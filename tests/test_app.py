@@ -14,12 +14,12 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from helpers import TEXT, page_props, tiny_model
+from helpers import TEXT, page_order, page_props, tiny_model
 
 from ui import api as A
 from ui import compare_run as C
+from ui import figures, stored_runs, sweep_tab
 from ui import policy_controls as P
-from ui import stored_runs
 from ui.engine import Engine, allowed_models
 from ui.layout import analytics_enabled, build_demo, launch_options
 from ui.sweep_tab import run_sweep
@@ -377,11 +377,122 @@ def test_allowlist_comes_from_the_host(monkeypatch):
 def test_sweep_tab_handler_draws_fidelity_against_budget(engine):
     outs = list(run_sweep(engine, TEXT, ["full", "h2o", "d2o"], [20, 60], 6))
     last = outs[-1]
-    assert set(last["sweep_table"]["policy"]) == {"h2o", "d2o"}
-    assert sorted(last["sweep_table"]["budget"].unique()) == [0.2, 0.6]
+    table = last["sweep_table"]
+    assert set(table["configuration"]) == {"h2o", "d2o"}
+    assert sorted(table["KV budget %"].unique()) == [20, 60]  # a percentage, as everywhere on the page
+    assert list(table.columns) == list(sweep_tab.TABLE_HEADERS)
     assert isinstance(last["agree_fig"], go.Figure) and last["agree_fig"].data
+    for fig in (last["agree_fig"], last["kl_fig"]):  # words, not the frame's field names
+        words = fig.layout.title.text + fig.layout.yaxis.title.text + fig.data[0].hovertemplate
+        assert "_" not in words and "mean mean" not in words, words
+    assert "KL" in last["kl_fig"].layout.title.text and "Agreement" in last["agree_fig"].layout.title.text
     with pytest.raises(gr.Error, match="other than the full cache"):
         list(run_sweep(engine, TEXT, ["full"], [20], 6))
+
+
+def test_the_sweep_runs_the_compare_tabs_settings_and_extra_columns(engine):
+    """A sweep runs the same configurations as the Compare tab: ticked policies with their Advanced
+    settings and each filled extra column, every one at every ticked budget (an extra column's own
+    budget is not used, and the status says so)."""
+    extras = [("d2o", "", "variant=official"), ("h2o", "40", "compress_every=0"), ("", "", "")]
+    settings = {"h2o": {"n_sink": 2}}
+    last = list(run_sweep(engine, TEXT, ["full", "h2o"], [20, 60], 3, None, None, settings, extras))[-1]
+    table = last["sweep_table"]
+    configs = ["h2o(n_sink=2)", "d2o(variant=official)", "h2o(n_sink=2,compress_every=0)"]
+    assert list(pd.unique(table["configuration"])) == configs
+    assert list(table["KV budget %"]) == [20, 60] * 3
+    assert {t.name for t in last["kl_fig"].data} == set(configs)
+    assert "Extra column 2" in last["sweep_status"] and "not used" in last["sweep_status"]
+    with pytest.raises(gr.Error, match="Extra column 1 \\(D2O\\): .*merge"):
+        list(run_sweep(engine, TEXT, ["h2o"], [20], 3, None, None, {}, [("d2o", "", "merge=perhaps")]))
+    # An extra column alone is enough to sweep.
+    alone = list(run_sweep(engine, TEXT, [], [20], 3, None, None, {}, [("h2o", "", "n_sink=1")]))[-1]
+    assert list(alone["sweep_table"]["configuration"]) == ["h2o(n_sink=1)"]
+
+
+def test_the_sweep_button_reads_the_advanced_panel_and_the_extra_columns(engine):
+    demo = build_demo(engine)
+    ids = {b.elem_id: i for i, b in demo.blocks.items() if getattr(b, "elem_id", None)}
+    (dep,) = [d for d in demo.config["dependencies"] if (ids["sweep-run"], "click") in d["targets"]]
+    for elem_id in ("extra-0", "extra-2-settings", "set-d2o-variant", "set-h2o-n_sink"):
+        assert ids[elem_id] in dep["inputs"], elem_id
+
+
+def test_the_sweep_tab_opens_on_the_stored_sweep_with_real_headers(engine, tmp_path):
+    """results/sweep.csv is drawn as the tab's first view (nothing run); every table names its
+    columns (an empty Dataframe showed the headers "1 2 3") and says budgets in %."""
+    props = page_props(build_demo(engine))
+    table = props["sweep-table"]["value"]
+    assert table["headers"][:2] == ["configuration", "KV budget %"] and table["data"]
+    assert set(table["headers"]) <= set(sweep_tab.TABLE.values())
+    budgets = {row[table["headers"].index("KV budget %")] for row in table["data"]}
+    assert budgets == {20, 40, 100}
+    assert "results/sweep.csv" in props["sweep-status"]["value"]
+    for elem_id in ("sweep-agree", "sweep-kl"):
+        plot = json.loads(props[elem_id]["value"]["plot"])
+        assert plot["data"] and "_" not in plot["layout"]["title"]["text"], elem_id
+    board = props["board-table"]["value"]
+    assert board["headers"] == list(sweep_tab.BOARD_HEADERS) and "1" not in board["headers"]
+    # No stored sweep, or a broken one: a sentence, empty figures, the headers still there.
+    plain = tmp_path / "plain.csv"  # the measures without the task columns: shown, counted as runs
+    plain.write_text("policy,budget,token_agreement,mean_kl_to_full\nh2o,0.2,0.5,1.0\nh2o,0.4,0.75,0.5\n")
+    view = sweep_tab.stored_view(plain)
+    assert "2 runs" in view["sweep_status"] and list(view["sweep_table"]["KV budget %"]) == [20, 40]
+    for bad in (tmp_path / "missing.csv", tmp_path / "broken.csv"):
+        if bad.name == "broken.csv":
+            bad.write_text("task,policy\npasskey,h2o\n")
+        view = sweep_tab.stored_view(bad)
+        assert "Run sweep" in view["sweep_status"] and bad.name in view["sweep_status"]
+        assert not view["agree_fig"].data
+        assert list(view["sweep_table"].columns) == list(sweep_tab.TABLE_HEADERS)
+
+
+def test_every_figure_has_its_how_to_read_caption_in_its_tab(engine):
+    demo = build_demo(engine)
+    for tab, entries in figures.FIGURES.items():
+        order = page_order(demo, tab)
+        texts = [c["props"].get("value") or "" for c in order if c["type"] == "markdown"]
+        for name, _ in entries:
+            assert any(f"How to read this:* {figures.CAPTIONS[name]}" in t for t in texts), (tab, name)
+        plots = [i for i, c in enumerate(order) if c["type"] == "plot"]
+        captions = [i for i, c in enumerate(order) if "How to read this" in str(c["props"].get("value"))]
+        # Every figure has a caption after it, and before the next figure but one (two side by side
+        # may share one).
+        for k, i in enumerate(plots):
+            following = plots[k + 2] if k + 2 < len(plots) else len(order)
+            assert any(i < j < following for j in captions), (tab, order[i]["props"].get("label"))
+
+
+def test_run_and_stop_stay_above_the_advanced_panel(engine):
+    """Opening Advanced (~1,300 px of settings) pushed Run and Stop off the screen below it."""
+    order = page_order(build_demo(engine), "Compare")
+    where = {c["props"].get("elem_id") or c["props"].get("label"): i for i, c in enumerate(order)}
+    assert where["run"] < where["Advanced"] and where["stop"] < where["Advanced"]
+
+
+def test_typing_a_new_prompt_says_the_run_shown_is_the_previous_prompts(engine, finished):
+    """The prompt and question boxes only relabel the run shown (no figure redrawn, nothing cleared);
+    the shown run's prompt typed back restores its own status line."""
+    state = finished[-1]["state"]
+    said = C.prompt_edited(TEXT + " And then?", "", state)
+    assert "previous prompt" in said and "press Run" in said
+    assert C.prompt_edited(TEXT, "Which fox?", state) == said  # the question is part of the run too
+    assert C.prompt_edited(TEXT, "", state) == finished[-1]["status"]
+    assert C.prompt_edited("anything", "", None) == gr.skip()  # nothing shown, or a run under way
+    page = stored_runs.first_view()
+    assert C.prompt_edited(page["prompt"], "", page["state"]) == page["status"]
+    assert "previous prompt" in C.prompt_edited(page["prompt"][:-1], "", page["state"])
+    # An example button puts its prompt in the box and says itself which run is shown.
+    other = next(e["prompt"] for e in stored_runs.examples() if e["prompt"] != page["prompt"])
+    examples = {e["prompt"] for e in stored_runs.examples()}
+    assert C.prompt_edited(other, "", page["state"], examples) == gr.skip()
+    assert "previous prompt" in C.prompt_edited(page["prompt"], "Which?", page["state"], examples)
+    demo = build_demo(engine)
+    ids = {b.elem_id: i for i, b in demo.blocks.items() if getattr(b, "elem_id", None)}
+    for box in ("prompt", "question"):  # `change`: a Textbox's `input` misses deleting and pasting
+        (dep,) = [d for d in demo.config["dependencies"] if (ids[box], "change") in d["targets"]]
+        assert dep["outputs"] == [ids["status"]] and dep["queue"] is False, box
+        assert dep["show_progress"] == "hidden", box
 
 
 def test_a_columns_title_shows_its_settings_whole():

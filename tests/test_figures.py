@@ -487,6 +487,39 @@ def test_every_figure_builder_has_a_one_line_caption_and_a_place_in_the_figure_l
     assert sorted(listed) == sorted(builders)
 
 
+def test_each_caption_lives_next_to_its_builder():
+    """CAPTIONS is collected from the figure modules (`CAPTION`, or `CAPTIONS` by builder name), so a
+    caption is edited beside the figure it explains, never in the package's __init__."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import ui.figures as package
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"ui.figures.{info.name}")
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if fn.__module__ == module.__name__ and name in figures.CAPTIONS:
+                own = getattr(module, "CAPTIONS", {}).get(name) or getattr(module, "CAPTION", None)
+                found[name] = own
+    assert found == figures.CAPTIONS
+    source = Path(package.__file__).read_text()
+    assert "How to read" not in source and "entries each layer holds" not in source
+
+
+def test_sweep_curves_speak_in_words_not_field_names():
+    frame = sweep_frame().rename(columns={"score": "mean_kl_to_full"})
+    fig = figures.sweep_curves(frame, y="mean_kl_to_full", facet=None)
+    words = [fig.layout.title.text, fig.layout.yaxis.title.text, fig.data[0].hovertemplate]
+    assert all("_" not in w and "mean mean" not in w for w in words), words
+    assert "KL" in fig.layout.title.text and "budget %{x:.0%}" in fig.data[0].hovertemplate
+    agreement = sweep_frame().rename(columns={"score": "token_agreement"})
+    agreement = figures.sweep_curves(agreement, "token_agreement")
+    assert agreement.layout.yaxis.tickformat == ".0%" and "Agreement" in agreement.layout.title.text
+    assert figures.sweep_curves(sweep_frame()).layout.title.text.startswith("Task score")
+
+
 def test_f_l_is_worded_one_way_in_figures_and_captions():
     d2o = budgets([0.5, 0.1], [0.7, 0.2], [False, False])
     axis = figures.budget_heatmap(with_policy({"d2o": d2o})).layout.xaxis2.title.text

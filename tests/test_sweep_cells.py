@@ -307,6 +307,9 @@ def test_sweep_tab_opens_a_results_folder_or_uploaded_records(tmp_path, monkeypa
         store.write_record(tmp_path, record)
     page = sweep_tab.open_results([], str(tmp_path))
     assert "Opened 6 cells" in page["board_status"] and len(page["board_table"]) == 3
+    # Its table names its columns in words, budgets in % (as the rest of the page says them).
+    assert list(page["board_table"].columns) == list(sweep_tab.BOARD_HEADERS)
+    assert sorted(page["board_table"]["KV budget %"]) == [20, 40, 100]
     jsonl = tmp_path / "all.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in fake_records()))
     assert "Opened 6 cells" in sweep_tab.open_results([str(jsonl)], "")["board_status"]

@@ -125,6 +125,27 @@ def run_comparison(
         raise
 
 
+PREVIOUS_PROMPT = "The texts and figures below are from the previous prompt; press Run for this one."
+
+
+def prompt_edited(prompt: str | None, question: str | None, state: dict | None, examples=()):
+    """The status once the prompt or question box changed: the run shown is the previous prompt's.
+
+    Back to the shown run's own prompt and question, its status line returns. Left as it is: nothing
+    shown, a run under way (its state cleared), or another prompt of `examples` (an example button put
+    it there, and its own handler says what is shown). Cheap: one line, no figure, nothing cleared.
+    """
+    meta = (state or {}).get("meta")
+    if not meta:
+        return gr.skip()
+    asked = (question or "").strip() or None
+    if prompt != meta.get("prompt"):
+        return gr.skip() if prompt in examples else PREVIOUS_PROMPT
+    if asked != ((meta.get("question") or "").strip() or None):
+        return PREVIOUS_PROMPT
+    return state.get("status", gr.skip())
+
+
 def run_ended(status: str | None):
     """The status once a comparison's event has ended, however it ended (wired with Gradio's `.then`).
 
@@ -251,6 +272,7 @@ def results_page(results: dict, status: str, meta: dict) -> dict:
     first = next(iter(results.values())).metrics
     layer = first["n_layers"] // 2
     state = {"results": results, "model": meta.get("model"), "n_prompt": first["prompt_tokens"], "meta": meta}
+    state["status"] = status  # shown again when a prompt typed over is typed back (`prompt_edited`)
     out = blank_columns(len(labels))
     stats = run_summary.stats_lines(results)  # every column against one reference
     for i, label in enumerate(labels):

@@ -1,7 +1,8 @@
 """The Compare tab: controls, one streaming column per configuration, then the figures. Wiring only.
 
 Zones: (1) prompt, the question kept whole, examples (each shows its stored run at once), policies,
-budget, Advanced (generated per policy from the registry, extra columns, sampling), Run and Stop;
+budget, Run and Stop, then Advanced (generated per policy from the registry, extra columns, sampling),
+so that opening it leaves Run and Stop on the screen;
 (2) up to six columns, one per configuration, streaming their text with a stats line; (3) the
 figures with their pickers, downloads and "Open a run". Behaviour lives in `compare_run.py`,
 `stored_runs.py` and `open_run.py`; this module only places components and connects them.
@@ -9,16 +10,18 @@ figures with their pickers, downloads and "Open a run". Behaviour lives in `comp
 
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 
 from d2o_core import POLICIES
 
 from . import compare_run as C
-from . import figures, stored_runs
 from . import policy_controls as P
+from . import stored_runs
 from .engine import Engine
 from .open_run import open_run
-from .wiring import initial, wire
+from .wiring import caption, initial, wire
 
 SAMPLING_HELP = {
     "temperature": "0 = greedy. Above 0, sampling with the seed below (the same for every column).",
@@ -40,11 +43,6 @@ FIGURES = {  # output name: (label, element id, builder: its caption in figures.
 }
 
 
-def caption(builder: str) -> gr.Markdown:
-    """The one-line "how to read this" under a figure (ui/figures' CAPTIONS)."""
-    return gr.Markdown(f"*How to read this:* {figures.CAPTIONS[builder]}", elem_classes=["caption"])
-
-
 def _controls(engine: Engine, first: dict) -> dict:
     c: dict = {}
     c["model"] = gr.Dropdown(
@@ -59,6 +57,10 @@ def _controls(engine: Engine, first: dict) -> dict:
     c["budget"] = gr.Slider(
         5, 100, 20, step=1, label="KV budget (% of the prompt kept per layer)", elem_id="budget"
     )
+    # Run and Stop above Advanced: opened, its ~1,300 px of settings pushed them off the screen.
+    with gr.Row():
+        c["run"] = gr.Button(**initial(first, "run", value="Run"), variant="primary", elem_id="run")
+        c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
     with gr.Accordion("Advanced", open=False):
         gr.Markdown("Each policy's settings (defaults from its paper); they apply to its column.")
         c["advanced"] = P.advanced_controls()
@@ -70,9 +72,6 @@ def _controls(engine: Engine, first: dict) -> dict:
             )
             c["seed"] = gr.Number(0, precision=0, label="Seed", info=SAMPLING_HELP["seed"])
             c["chat"] = gr.Checkbox(True, label="Chat template", info=SAMPLING_HELP["chat"])
-    with gr.Row():
-        c["run"] = gr.Button(**initial(first, "run", value="Run"), variant="primary", elem_id="run")
-        c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
     return c
 
 
@@ -146,7 +145,8 @@ def _figures(first: dict) -> dict:
 
 
 def build(engine: Engine, demo: gr.Blocks) -> dict:
-    """The tab's components and wiring; returns what other tabs share (prompt, picked, model).
+    """The tab's components and wiring; returns what other tabs share (prompt, picked, model, and the
+    Advanced panel's controls and extra columns, which the Budget sweep runs too).
 
     The page opens on the stored first view (`stored_runs.first_view`), built into the components'
     initial values: it arrives with the page itself, and only its state (never sent to the browser)
@@ -194,10 +194,30 @@ def build(engine: Engine, demo: gr.Blocks) -> dict:
         wire(stored_runs.show_example, outputs), [prompt, max_new], page, api_visibility="private"
     )
     out["open"].upload(wire(open_run, outputs), out["open"], page, api_visibility="private")
+    # A new prompt or question: the status says the run shown is the previous prompt's. Only the status
+    # line changes (nothing cleared, no figure redrawn), outside the queue. `change`, not `input`: a
+    # Textbox's `input` comes from key presses, so deleting, pasting or cutting never sent it.
+    edited = functools.partial(C.prompt_edited, examples={e["prompt"] for e in stored_runs.examples()})
+    for box in (prompt, question):
+        box.change(
+            edited,
+            [prompt, question, state],
+            status,
+            api_visibility="private",
+            queue=False,
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
     # The state holds the run's results (the pickers redraw from it); Gradio would deep-copy an
     # initial State value for every visitor, so the load event hands over the shared one instead.
     demo.load(lambda: first.get("state"), None, state, api_visibility="private")
-    return {"prompt": prompt, "picked": c["picked"], "model": c["model"]}
+    return {
+        "prompt": prompt,
+        "picked": c["picked"],
+        "model": c["model"],
+        "advanced": c["advanced"],
+        "extras": c["extras"],
+    }
 
 
 def _wire_run(engine: Engine, c: dict, prompt, question, max_new, outputs: dict) -> None:

@@ -56,7 +56,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
         with gr.Tab("Compare"):
             shared = compare_tab.build(engine, demo)
         with gr.Tab("Budget sweep"):
-            sweep_tab.build(engine, shared["prompt"], shared["picked"], shared["model"])
+            advanced = {k: shared[k] for k in ("advanced", "extras")}  # its runs are the Compare tab's
+            sweep_tab.build(engine, shared["prompt"], shared["picked"], shared["model"], **advanced)
         with gr.Tab("Throughput"):
             throughput_tab.build(engine, shared["model"])
         with gr.Tab("About"):

@@ -28,7 +28,7 @@ from .engine import Engine, gpu
 from .errors import page_errors
 from .figures import throughput as TF
 from .safe_text import markdown_text
-from .wiring import PROGRESS, wire
+from .wiring import PROGRESS, caption, wire
 
 STORED = Path(__file__).resolve().parent.parent / "assets" / "throughput.json"
 REGENERATE = "`python -m d2o_core results --throughput-only` (or `make results`)"
@@ -220,8 +220,12 @@ def build(engine: Engine, model: gr.components.Component) -> None:
     )
     status = gr.Markdown(first["tp_status"], elem_id="tp-status")
     with gr.Row():
-        bars = gr.Plot(first["tp_bars"], label="Tokens/s at the cap", elem_id="tp-bars")
-        lines = gr.Plot(first["tp_lines"], label="Tokens/s against batch size", elem_id="tp-lines")
+        with gr.Column():
+            bars = gr.Plot(first["tp_bars"], label="Tokens/s at the cap", elem_id="tp-bars")
+            caption("cap_bars")
+        with gr.Column():
+            lines = gr.Plot(first["tp_lines"], label="Tokens/s against batch size", elem_id="tp-lines")
+            caption("tokens_vs_batch")
     explanation = gr.Markdown(first["tp_explain"], elem_id="tp-explain")
     table = gr.Dataframe(first["tp_table"], label="Every measured point", interactive=False)
     with gr.Accordion("Run live on this page's model (about a minute on a CPU)", open=False):

@@ -1,8 +1,9 @@
 """How a handler's {output name: value} dicts reach Gradio components.
 
 What this module is: `wire(handler, outputs)`, the one adapter every tab uses, the shared
-`gr.Progress` default, and `initial`, which turns a handler's output into a component's build
-arguments. What it is not: any behaviour; handlers live beside their tabs.
+`gr.Progress` default, `initial`, which turns a handler's output into a component's build
+arguments, and `caption`, the "how to read this" line every tab puts under its figures. What it is
+not: any behaviour; handlers live beside their tabs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import inspect
 
 import gradio as gr
+
+from . import figures
 
 PROGRESS = gr.Progress()  # Gradio injects the live tracker where a parameter defaults to one
 
@@ -38,3 +41,8 @@ def initial(page: dict, name: str, **defaults) -> dict:
     if isinstance(value, dict) and value.get("__type__") == "update":
         return defaults | {k: v for k, v in value.items() if k != "__type__"}
     return defaults | {"value": value}
+
+
+def caption(builder: str) -> gr.Markdown:
+    """The one-line "how to read this" under a figure: `builder`'s caption (ui/figures' CAPTIONS)."""
+    return gr.Markdown(f"*How to read this:* {figures.CAPTIONS[builder]}", elem_classes=["caption"])

@@ -1,7 +1,7 @@
 """TOVA, token omission via attention (Oren et al., 2024, arXiv 2401.06104).
 
-Scores are the attention of the current query only, averaged over the query heads of each
-kv-head group, replaced (never accumulated) at every step; the lowest leaves. No sinks and no
+Scores are the attention of the current query only, averaged over all query heads of the layer,
+replaced (never accumulated) at every step; the lowest leaves. No sinks and no
 recent window, as in the paper, except that the newest entry is never evicted on the step it
 arrives (a recent window of exactly one entry). At prefill the last prompt query scores the prompt.
 

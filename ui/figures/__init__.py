@@ -14,10 +14,12 @@ from .attention import CAPTIONS as _ATTENTION
 from .attention import attention_map, kept_tokens
 from .budgets import CAPTION as _BUDGETS
 from .budgets import budget_heatmap
+from .cache_time import CAPTION as _CACHE_TIME
 from .cache_time import cache_over_time
 from .common import F_L_MEANING, NO_DATA, policy_colours, to_html
 from .fidelity import CAPTIONS as _FIDELITY
-from .fidelity import drift, sweep_curves
+from .fidelity import MEASURES, drift, sweep_curves
+from .leaderboard import CAPTIONS as _LEADERBOARD
 from .step0 import CAPTION as _STEP0
 from .step0 import step0
 from .survival import CAPTION as _SURVIVAL
@@ -33,21 +35,11 @@ CAPTIONS: dict[str, str] = {
     "step0": _STEP0,
     "kept_tokens": _ATTENTION["kept_tokens"],
     "survival": _SURVIVAL,
-    # cache_time.py and leaderboard.py are edited elsewhere: their captions live here until they move
-    # next to their builders.
-    "cache_over_time": (
-        "Top: entries each layer holds per kv-head (mean over layers) at every step, against the budget; "
-        "below: one row per layer, darker = more entries; step 0 is the compression right after the prompt."
-    ),
+    "cache_over_time": _CACHE_TIME,
     "drift": _FIDELITY["drift"],
     "sweep_curves": _FIDELITY["sweep_curves"],
-    "overview": (
-        "Averaged over tasks, against the KV budget: score, KV cache MB and decode tokens/s, one line per "
-        "configuration; a dashed level is a configuration measured at one budget only (the full cache)."
-    ),
-    "per_task": (
-        "Score against the KV budget, one panel per task (their average first), one line per configuration."
-    ),
+    "overview": _LEADERBOARD["overview"],
+    "per_task": _LEADERBOARD["per_task"],
     "tokens_vs_batch": _THROUGHPUT["tokens_vs_batch"],
     "cap_bars": _THROUGHPUT["cap_bars"],
 }
@@ -65,7 +57,7 @@ FIGURES: dict[str, list[tuple[str, str]]] = {
         ("drift", "Drift from the full cache"),
     ],
     "Budget sweep": [
-        ("sweep_curves", "Agreement and KL against budget (this prompt)"),
+        ("sweep_curves", "Agreement and KL against budget (the stored sweep, or your prompt)"),
         ("overview", "Leaderboard: averaged over tasks"),
         ("per_task", "Leaderboard: score per task"),
     ],
@@ -79,6 +71,7 @@ __all__ = [
     "CAPTIONS",
     "FIGURES",
     "F_L_MEANING",
+    "MEASURES",
     "NO_DATA",
     "attention_map",
     "budget_heatmap",

@@ -25,6 +25,10 @@ from .common import (
     titled,
 )
 
+CAPTION = (
+    "Top: entries each layer holds per kv-head (mean over layers) at every step, against the budget; "
+    "below: one row per layer, darker = more entries; step 0 is the compression right after the prompt."
+)
 LINE_HEIGHT = 170  # px added above the heatmap for the line
 _SPLIT = 0.7  # the heatmap's share of the plotting area (bottom); the line has the rest, less a gap
 

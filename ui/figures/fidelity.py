@@ -21,8 +21,19 @@ CAPTIONS = {
     ),
     "sweep_curves": (
         "One measure (agreement with the full cache, KL to it, or a task's score) against the KV budget, "
-        "the share of the prompt each layer keeps: one line per policy, its mean at each budget."
+        "the share of the prompt each layer keeps: one line per policy configuration, its mean at each "
+        "budget (hover: over how many runs)."
     ),
+}
+# What a sweep's columns measure, in words (titles, axes, hover, tables), and how to show a value:
+# {column: (words, plotly number format)}; a fraction of 1 is shown in %, as budgets are.
+MEASURES = {
+    "score": ("Task score", ".0%"),
+    "token_agreement": ("Agreement with the full cache's next token", ".0%"),
+    "mean_kl_to_full": ("KL divergence to the full cache (nats per step)", ".3g"),
+    "nll_of_reference": ("NLL of the full cache's text (nats per token)", ".3g"),
+    "kv_fraction": ("KV cache kept (share of the full cache's)", ".0%"),
+    "decode_ms_per_token": ("Decode time (ms per token)", ".3g"),
 }
 
 
@@ -72,7 +83,7 @@ def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "tas
     sweep : DataFrame
         Tidy results with ``policy``, ``budget`` (fraction 0..1), `y` and optionally `facet`.
     y : str
-        Column to average.
+        Column to average; named in words where `MEASURES` knows it.
     facet : str or None
         Column that splits panels; None, or a column the frame lacks, gives one panel.
 
@@ -81,7 +92,8 @@ def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "tas
     go.Figure
         Lines with markers, y axes shared; hover shows the mean and how many rows it averages.
     """
-    title = f"{y} against KV budget"
+    words, number = MEASURES.get(y, (y.replace("_", " "), ".3g"))
+    title = f"{words} against the KV budget"
     if missing_columns(sweep, ["policy", "budget", y], title):
         return empty_figure(title)
     facet = facet if facet is not None and facet in sweep.columns else None
@@ -96,7 +108,7 @@ def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "tas
     grid = dict(shared_yaxes="all", shared_xaxes="all", horizontal_spacing=0.04, vertical_spacing=0.14)
     fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=names, **grid)
     colours = policy_colours(list(pd.unique(agg["policy"])))
-    hover = f"budget %{{x:.0%}}<br>mean {y} %{{y:.3g}}<br>n = %{{customdata}}"
+    hover = f"budget %{{x:.0%}}<br>{html_text(words)}: %{{y:{number}}}<br>mean of %{{customdata}} run(s)"
     seen: set[str] = set()
     for i, panel in enumerate(panels):
         part = agg if facet is None else agg[agg[facet] == panel]
@@ -107,7 +119,9 @@ def sweep_curves(sweep: pd.DataFrame, y: str = "score", facet: str | None = "tas
             fig.add_trace(line.update(line_color=colours[policy]), i // n_cols + 1, i % n_cols + 1)
             seen.add(policy)
     fig.update_xaxes(tickformat=".0%", title_text="KV budget (% of prompt)", row=n_rows)
-    fig.update_yaxes(title_text=f"mean {y}", col=1)
+    fig.update_yaxes(title_text=html_text(words), col=1)
+    if number.endswith("%"):
+        fig.update_yaxes(tickformat=".0%")
     fig = apply_layout(fig, title, 420 + 260 * (n_rows - 1))
     # Facet titles sit where a top legend would go, so this legend stands on the right.
     return fig.update_layout(legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top"))

@@ -18,6 +18,15 @@ from plotly.subplots import make_subplots
 from ..safe_text import html_text
 from .common import apply_layout, empty_figure, policy_colours
 
+CAPTIONS = {
+    "overview": (
+        "Averaged over tasks, against the KV budget: score, KV cache MB and decode tokens/s, one line per "
+        "configuration; a dashed level is a configuration measured at one budget only (the full cache)."
+    ),
+    "per_task": (
+        "Score against the KV budget, one panel per task (their average first), one line per configuration."
+    ),
+}
 AVERAGE = "average"
 TITLE = "Leaderboard"
 _NEEDED = ("model", "config", "budget", "task", "score", "kv_mb", "tokens_per_second", "cells")
