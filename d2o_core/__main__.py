@@ -176,12 +176,7 @@ def cmd_show(args) -> int:
     _say(f"{args.path}: {len(results)} policies" + (f" ({facts})" if facts else ""))
     _print_results(results)
     if args.html:
-        try:
-            from ui.report_html import report_html  # noqa: PLC0415 - the one place the CLI draws
-        except ImportError as exc:
-            raise ValueError(
-                f"--html needs the app's ui package and plotly ({exc}); run it from the repository root."
-            ) from None
+        report_html = run_summary.html_writer("report_html", "report_html")
         Path(args.html).write_text(report_html(results, meta), encoding="utf-8")
         print(f"\nwrote {args.html}", file=sys.stderr)
     return 0

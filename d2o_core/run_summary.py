@@ -6,6 +6,7 @@ beyond returning strings and frames).
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 
@@ -190,3 +191,14 @@ def kept_note(res: RunResult) -> str:
 def budgets_line(res: RunResult) -> str:
     """Per-layer budgets in tokens, e.g. for D2O: '152 191 177 ...'."""
     return " ".join(str(b) for b in res.layer_budgets["budget_tokens"])
+
+
+def html_writer(module: str, name: str):
+    """`ui.<module>.<name>`, the page's HTML writer, imported only when a command asks for --html
+    (d2o_core itself never imports plotly or gradio); ValueError with a sentence without the app."""
+    try:
+        return getattr(importlib.import_module(f"ui.{module}"), name)
+    except ImportError as exc:
+        raise ValueError(
+            f"--html needs the app's ui package and plotly ({exc}); run it from the repository root."
+        ) from None

@@ -6,7 +6,9 @@ the same names). Fixtures (`tiny`, `bundled`, `cli_tiny`) live in `conftest.py`.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -152,3 +154,38 @@ def page_order(demo, tab: str | None = None) -> list[dict]:
     root = demo.config["layout"] if tab is None else find(demo.config["layout"])
     assert root is not None, f"no tab {tab!r}"
     return visit(root)
+
+
+# The browser tests' Debian chromium, driven by playwright (never `playwright install`), offline.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [  # no background services; only the app's host resolves
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    # Offline: every host name but the app's fails to resolve, so background services
+    # (and the page's web fonts) look nothing up.
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--no-pings",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--disable-breakpad",
+    "--disable-client-side-phishing-detection",
+    "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,"
+    "CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions",
+]
+
+
+def missing_browser() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        return "Debian chromium is not installed (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401, PLC0415
+    except ImportError:
+        return "python playwright is not installed"
+    return None

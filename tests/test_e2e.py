@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,30 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import CHROMIUM, CHROMIUM_FLAGS, missing_browser
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    # Offline: every host name but the app's fails to resolve, so background services
-    # (and the page's web fonts) look nothing up.
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--no-pings",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--disable-domain-reliability",
-    "--disable-breakpad",
-    "--disable-client-side-phishing-detection",
-    "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication,"
-    "CertificateTransparencyComponentUpdater,InterestFeedContentSuggestions",
-]
 
 # One worker runs this whole module under `make test` (pytest-xdist): the app server starts once.
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("app_server")]
@@ -130,16 +109,6 @@ def test_compare_endpoint_answers_gradio_client(server):
     assert list(out["results"]) == ["h2o(n_sink=2,compress_every=0)"]
 
 
-def _browser():
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        return "Debian chromium is not installed (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "python playwright is not installed"
-    return None
-
-
 FIGURE_IDS = [
     "budget-fig",
     "attention-fig",
@@ -190,7 +159,7 @@ def status_has(page, text: str, timeout: float = 120_000) -> None:
 
 
 def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, tmp_path):
-    missing = _browser()
+    missing = missing_browser()
     if missing:
         if os.environ.get("D2O_REQUIRE_BROWSER") == "1":
             pytest.fail(missing)

@@ -12,31 +12,15 @@ file's strings are on the page as text. Drives Debian's chromium with playwright
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import pytest
+from helpers import CHROMIUM, CHROMIUM_FLAGS, missing_browser
 from test_untrusted_text import PAYLOADS, compared, hostile_run, refused_run
 
 pytestmark = [pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [  # as tests/test_e2e.py: offline, no background services
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-    "--no-first-run",
-    "--no-default-browser-check",
-    "--no-pings",
-    "--disable-sync",
-    "--disable-default-apps",
-    "--disable-domain-reliability",
-    "--disable-breakpad",
-]
 # Counted in the page: what a file could insert that acts (runs script on a click, sends a form,
 # fetches from elsewhere, covers the page). Each must stay as the page itself had it.
 LIVE_ELEMENTS = """() => {
@@ -57,16 +41,6 @@ LIVE_ELEMENTS = """() => {
       .filter(e => /position\\s*:\\s*fixed/i.test(e.getAttribute('style'))).length,
   };
 }"""
-
-
-def missing_browser() -> str | None:
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        return "Debian chromium is not installed (apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "python playwright is not installed"
-    return None
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..policies import POLICIES
+from ..run_summary import html_writer
 from . import store
 
 AVERAGE = "average"
@@ -129,12 +130,7 @@ def cmd_leaderboard(args) -> int:
             file=sys.stderr,
         )
     if args.html:
-        try:
-            from ui.leaderboard_html import leaderboard_html  # noqa: PLC0415 - the one place this draws
-        except ImportError as exc:
-            raise ValueError(
-                f"--html needs the app's ui package and plotly ({exc}); run it from the repository root."
-            ) from None
+        leaderboard_html = html_writer("leaderboard_html", "leaderboard_html")
         title = args.title or f"Leaderboard: {', '.join(map(str, args.paths))}"
         Path(args.html).write_text(leaderboard_html(df, title), encoding="utf-8")
         print(f"wrote {args.html}", file=sys.stderr)
