@@ -1,5 +1,6 @@
 """The served app under load and over plain HTTP: a burst of 24 requests is each answered (with its own
-answer) or told the queue is full, and memory comes back; a call short of values gets a sentence.
+answer) or told the queue is full, and memory comes back; a client that leaves frees the model within a
+second; a call short of values gets a sentence.
 
 One server in this process (`app.say_missing_values`, the queue and launch options of `app.py`, the
 tiny model), spoken to over HTTP as `curl` would: `POST /gradio_api/call/compare`, then read the events.
@@ -11,6 +12,7 @@ import gc
 import json
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -29,9 +31,34 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
 
 
+class SlowSteps:
+    """A forward pre-hook on the served model: counts its passes and, while `slow`, makes each take
+    STEP_S, so that a long run is still going when its client leaves."""
+
+    STEP_S = 0.05
+
+    def __init__(self):
+        self.passes = 0
+        self.slow = False
+
+    def __call__(self, module, args):
+        self.passes += 1
+        if self.slow:
+            time.sleep(self.STEP_S)
+
+
+STEPS = SlowSteps()
+
+
+def counted_tiny_model(name):
+    lm = tiny_model()
+    lm.model.register_forward_pre_hook(STEPS)
+    return lm
+
+
 @pytest.fixture(scope="module")
 def server():
-    demo = build_demo(Engine(["tiny"], loader=lambda name: tiny_model()))
+    demo = build_demo(Engine(["tiny"], loader=counted_tiny_model))
     app.say_missing_values(demo)
     demo.queue(default_concurrency_limit=1, max_size=limits().queue_size)
     with socket.socket() as s:
@@ -109,3 +136,29 @@ def test_a_burst_is_answered_or_told_busy_and_memory_comes_back(server):
             assert result["results"]["full"]["metrics"]["prompt_tokens"] == len(prompts[i])
     gc.collect()
     assert rss_mb() <= 1.10 * start, (start, rss_mb())
+
+
+def test_a_client_that_disconnects_frees_the_model_within_a_second(server):
+    """Before, the API was one plain call: it decoded all its tokens for nobody (the next request
+    waited ~60 s on the CPU). Now the run ends when its client's event stream closes."""
+    STEPS.slow, begun = True, STEPS.passes
+    try:
+        with httpx.Client(timeout=60) as client:
+            r = client.post(
+                f"{server}/gradio_api/call/compare",
+                json={"data": [TEXT, ["full", "h2o"], 0.3, 256, None, None]},
+            )
+            event_id = r.json()["event_id"]
+            with client.stream("GET", f"{server}/gradio_api/call/compare/{event_id}") as stream:
+                lines = stream.iter_lines()
+                assert any(line.startswith("event: generating") for line in lines)  # it is decoding
+            left = time.monotonic()  # the client is gone
+        while time.monotonic() - left < 1.0:
+            time.sleep(0.1)
+        stopped_at = STEPS.passes
+        time.sleep(4 * SlowSteps.STEP_S + 0.3)
+        assert STEPS.passes == stopped_at, "the run went on decoding after its client left"
+        assert stopped_at - begun < 256 / 2, stopped_at - begun  # it stopped far short of the 256 tokens asked for
+    finally:
+        STEPS.slow = False
+    assert call(server, args(TEXT))[0] == "complete"  # and the model serves the next request

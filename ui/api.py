@@ -10,9 +10,12 @@ the context's compression, never evicted by it). What it is not: no figures and 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from d2o_core import limits, run_summary
 
-from .compare_run import Sampling, stream_compare, within_time_limit
+from .compare_run import STREAM_EVERY_S, Sampling, stream_compare, within_time_limit
 from .engine import Engine
 from .errors import page_errors
 from .policy_controls import Columns
@@ -76,7 +79,7 @@ def check_args(prompt, policies, budget, max_new_tokens) -> tuple[str, list[str]
     return prompt, list(policies), float(budget), int(max_new_tokens)
 
 
-def api_compare(
+def api_stream(
     engine: Engine,
     prompt: str,
     policies: list[str] | tuple[str, ...] | None = API_POLICIES,
@@ -84,15 +87,13 @@ def api_compare(
     max_new_tokens: int = API_MAX_NEW_TOKENS,
     question: str | None = None,
     settings: dict | None = None,
-) -> dict:
-    """Texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn.
+) -> Iterator[dict]:
+    """`{"status": ...}` lines while the run goes (at most every `STREAM_EVERY_S`), then the result.
 
-    Only the prompt is needed: policies default to full, h2o and d2o, budget to 0.2, 64 new tokens,
-    no question (the whole prompt is compressed) and each policy's default settings.
-    question : kept whole: the prompt is then the context, which is compressed; the question is read
-        after the compression and never evicted by it.
-    settings : per policy, e.g. {"d2o": {"variant": "official", "protected_layers": "0,1"},
-        "h2o": {"compress_every": 0}}; values as JSON or as text ("no", "0,1").
+    A generator, not one call, so that the server can end the run between two of its updates: when
+    the client disconnects, Gradio closes this generator and the model is free within a step; a
+    plain function would decode to the end for nobody. `gradio_client`'s `predict` returns the last
+    item, the result.
     """
     with page_errors("Generation"):
         prompt, policies, budget, max_new_tokens = check_args(prompt, policies, budget, max_new_tokens)
@@ -101,7 +102,28 @@ def api_compare(
         chosen = Columns(policies, 100 * budget, given).policies(limit=None)  # no page columns to fill
         lm = engine.get()
         stream = stream_compare(lm, prompt, chosen, max_new_tokens, Sampling(), question)
-        results = next(update.results for update in within_time_limit(stream) if update.kind == "done")
-    return run_summary.jsonable(
+        sent = time.monotonic()
+        for update in within_time_limit(stream):
+            if update.kind == "done":
+                results = update.results
+            elif time.monotonic() - sent >= STREAM_EVERY_S:
+                sent = time.monotonic()
+                yield {"status": f"step {update.step or 0} of {max_new_tokens}"}
+    yield run_summary.jsonable(
         {"results": {label: {"text": res.text, "metrics": res.metrics} for label, res in results.items()}}
     )
+
+
+def api_compare(*args, **kwargs) -> dict:
+    """Texts and metrics per policy (budget as a fraction, e.g. 0.2); no figures are drawn.
+
+    Only the prompt is needed: policies default to full, h2o and d2o, budget to 0.2, 64 new tokens,
+    no question (the whole prompt is compressed) and each policy's default settings.
+    question : kept whole: the prompt is then the context, which is compressed; the question is read
+        after the compression and never evicted by it.
+    settings : per policy, e.g. {"d2o": {"variant": "official", "protected_layers": "0,1"},
+        "h2o": {"compress_every": 0}}; values as JSON or as text ("no", "0,1").
+    Arguments as `api_stream`'s; this returns its last item.
+    """
+    *_, result = api_stream(*args, **kwargs)
+    return result

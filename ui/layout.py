@@ -8,6 +8,7 @@ handlers; this module only orders the tabs, the JSON API (`api.py`) and the laun
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
@@ -70,13 +71,16 @@ def build_demo(engine: Engine) -> gr.Blocks:
             max_new_tokens: int = api.API_MAX_NEW_TOKENS,
             question: str | None = None,
             settings: dict | None = None,
-        ) -> dict:
+        ) -> Iterator[dict]:
             """Texts and metrics per policy; only the prompt is needed (README: "Python client / API").
+
+            While it runs it sends {"status": "step k of n"} lines; the last item is the result, which
+            gradio_client's predict returns. A client that disconnects ends the run.
 
             question: kept whole, read after the prompt's compression; settings: per policy, e.g.
             {"d2o": {"merge": "no"}, "h2o": {"compress_every": 0}}.
             """
-            return api.api_compare(engine, prompt, policies, budget, max_new_tokens, question, settings)
+            yield from api.api_stream(engine, prompt, policies, budget, max_new_tokens, question, settings)
 
         gr.api(compare_api, api_name="compare", concurrency_id="model")
     return demo
