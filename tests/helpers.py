@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import d2o_core
 from d2o_core import engine
 from d2o_core.cache import PolicyCache, PrefillCache
+from d2o_core.eval.cells import FORMAT
 from d2o_core.events import EventLog
 
 TEXT = (
@@ -189,3 +190,23 @@ def missing_browser() -> str | None:
     except ImportError:
         return "python playwright is not installed"
     return None
+
+
+def fake_records() -> list[dict]:
+    """Hand-made records: two tasks, full once, h2o at two budgets."""
+    out = []
+    for task, scores in (("kv", {1.0: 1.0, 0.2: 0.5, 0.4: 1.0}), ("qa", {1.0: 0.8, 0.2: 0.1, 0.4: 0.3})):
+        for budget, score in scores.items():
+            name = "full" if budget == 1.0 else "h2o"
+            settings = {"model": "m", "task": task, "source": "synthetic", "sample": 0, "length": 512,
+                        "depth": 0.5, "policy": name, "budget": budget, "metric": "contains"}  # fmt: skip
+            result = {
+                "score": score,
+                "kv_mb": 10 * budget,
+                "tokens_per_second": 20 - 5 * budget,
+                "output": "",
+            }
+            where = {"versions": {"d2o_core": "1"}, "machine": {"gpu": None, "node": "n"}}
+            record = {"format": FORMAT, "key": f"{task}{budget}", "settings": settings, "config": name}
+            out.append(record | {"result": result} | where)
+    return out

@@ -6,6 +6,7 @@ skips when chromium or playwright is missing, unless D2O_REQUIRE_BROWSER=1 (CI s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -17,7 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import CHROMIUM, CHROMIUM_FLAGS, missing_browser
+from helpers import CHROMIUM, CHROMIUM_FLAGS, fake_records, missing_browser
+
+from ui.about import policy_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -119,7 +122,15 @@ FIGURE_IDS = [
     "cache-fig",
     "drift-fig",
 ]
-ALL_FIGURES = f"() => {FIGURE_IDS}.every(id => document.querySelector('#' + id + ' .js-plotly-plot'))"
+
+
+def drawn(ids: list[str]) -> str:
+    """A page function: true once each of these figures holds a drawn plotly plot."""
+    return f"() => {ids}.every(id => document.querySelector('#' + id + ' .js-plotly-plot'))"
+
+
+ALL_FIGURES = drawn(FIGURE_IDS)
+BOARD_FIGURES = drawn(["board-overview", "board-tasks"])
 # In the page, from the start of navigation: the first animation frame after the budget heatmap's own
 # SVG exists (a bare "#budget-fig svg" also matches the empty plot's placeholder icon). Read in the
 # page because a wait from Python returns only once the page's main thread is free, after the six
@@ -152,10 +163,15 @@ def open_run(page, path: Path) -> None:
     chooser.value.set_files(str(path))
 
 
-def status_has(page, text: str, timeout: float = 120_000) -> None:
+def status_has(page, text: str, timeout: float = 120_000, where: str = "#status") -> None:
     page.wait_for_function(
-        "t => document.querySelector('#status').innerText.includes(t)", arg=text, timeout=timeout
+        "([w, t]) => document.querySelector(w)?.innerText.includes(t)", arg=[where, text], timeout=timeout
     )
+
+
+def no_toast(page) -> None:
+    """No refusal and no error: Gradio shows both as toasts."""
+    assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
 
 
 def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, tmp_path):
@@ -300,8 +316,72 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         assert "H2O · compress_every=0 · 20 %" in titles[5], titles
         assert all(page.input_value(f"#text-{i} textarea").strip() for i in range(6))
         page.wait_for_function(ALL_FIGURES, timeout=30_000)
-        assert page.locator(".toast-body").count() == 0  # no refusal, no error
+        no_toast(page)
         phase("advanced")
+        # 7. A budget sweep of the Compare tab's configurations (the ticked four and the two extra
+        # columns just added) at two budgets: its status, figures and table are this run's.
+        page.get_by_role("tab", name="Budget sweep", exact=True).click()
+        page.locator("#sweep-budgets").get_by_label("40", exact=True).uncheck()
+        page.fill("#sweep-max-new input[type=number]", "4")
+        page.keyboard.press("Enter")
+        page.click("#sweep-run")
+        status_has(page, "Done: ", 180_000, "#sweep-status")
+        assert "configurations" in page.inner_text("#sweep-status")
+        table = page.inner_text("#sweep-table")
+        assert "compress_every=0" in table and "40" not in table.split("\n")[1:], table
+        page.wait_for_function(
+            "t => document.querySelector('#sweep-agree .js-plotly-plot')?.textContent.includes(t)",
+            arg="compress_every=0",
+            timeout=30_000,
+        )
+        no_toast(page)
+        phase("budget sweep")
+        # 8. A sweep's cell records as a leaderboard: from a folder on this machine, then uploaded.
+        records = tmp_path / "sweep"
+        for record in fake_records():
+            (records / "cells").mkdir(parents=True, exist_ok=True)
+            (records / "cells" / f"{record['key']}.json").write_text(json.dumps(record))
+        page.fill("#board-folder textarea", str(records))
+        page.click("#board-open")
+        status_has(page, "Opened 6 cells", 30_000, "#board-status")
+        page.wait_for_function(BOARD_FIGURES, timeout=30_000)
+        page.fill("#board-folder textarea", "")
+        jsonl = tmp_path / "all.jsonl"
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in fake_records()[:3]))
+        page.locator("#board-files input[type=file]").set_input_files(str(jsonl))
+        page.click("#board-open")
+        status_has(page, "Opened 3 cells", 30_000, "#board-status")
+        assert "h2o" in page.inner_text("#board-table")
+        no_toast(page)
+        phase("leaderboard")
+        # 9. Throughput: the stored results, then a small live run (full and H2O at one batch size),
+        # then Run and Stop at once.
+        page.get_by_role("tab", name="Throughput", exact=True).click()
+        page.get_by_text("Run live on this page's model", exact=False).click()  # the accordion
+        page.click("#tp-stored")
+        status_has(page, "Stored results from", 30_000, "#tp-status")
+        for slider, value in (("#tp-prompt", "256"), ("#tp-new", "4"), ("#tp-budget", "25")):
+            page.fill(f"{slider} input[type=number]", value)
+            page.keyboard.press("Enter")
+        page.locator("#tp-policies").get_by_label("D2O", exact=True).uncheck()
+        for batch in ("2", "4"):
+            page.locator("#tp-batches").get_by_label(batch, exact=True).uncheck()
+        page.click("#tp-run")
+        status_has(page, "Live run on this page's model", 240_000, "#tp-status")
+        live = page.inner_text("#tp-status")
+        assert "budget 25 %" in live and "4 new tokens" in live, live  # this run's settings
+        assert "h2o" in page.inner_text("#tp-table")
+        page.click("#tp-run")
+        status_has(page, "Running", 60_000, "#tp-status")
+        page.click("#tp-stop")
+        status_has(page, "Stopped.", 30_000, "#tp-status")
+        no_toast(page)
+        phase("throughput")
+        # 10. About lists every registered policy and every figure (it is generated from both).
+        page.get_by_role("tab", name="About", exact=True).click()
+        about = page.inner_text("body")
+        assert all(title in about for _, title, _ in policy_rows()), about[:2000]
+        phase("about")
         browser.close()
     # The target (<= 3 s on a quiet machine) is reported, not asserted: timings on a shared CPU are noise.
     # 25 s still tells a stored first view (no model work) from a live one (the passkey run alone takes

@@ -158,7 +158,8 @@ def test_a_client_that_disconnects_frees_the_model_within_a_second(server):
         stopped_at = STEPS.passes
         time.sleep(4 * SlowSteps.STEP_S + 0.3)
         assert STEPS.passes == stopped_at, "the run went on decoding after its client left"
-        assert stopped_at - begun < 256 / 2, stopped_at - begun  # it stopped far short of the 256 tokens asked for
+        # It stopped far short of the 256 tokens asked for.
+        assert stopped_at - begun < 256 / 2, stopped_at - begun
     finally:
         STEPS.slow = False
     assert call(server, args(TEXT))[0] == "complete"  # and the model serves the next request

@@ -13,6 +13,7 @@ import re
 from collections import Counter
 
 import pytest
+from helpers import fake_records
 
 from d2o_core.eval import cells, data, executor, leaderboard, ruler, scoring, store
 
@@ -246,26 +247,6 @@ def test_a_data_rows_question_is_read_after_its_context_is_compressed(tiny, tmp_
 
 
 # -- the leaderboard --------------------------------------------------------------------------------
-
-
-def fake_records() -> list[dict]:
-    """Hand-made records: two tasks, full once, h2o at two budgets."""
-    out = []
-    for task, scores in (("kv", {1.0: 1.0, 0.2: 0.5, 0.4: 1.0}), ("qa", {1.0: 0.8, 0.2: 0.1, 0.4: 0.3})):
-        for budget, score in scores.items():
-            name = "full" if budget == 1.0 else "h2o"
-            settings = {"model": "m", "task": task, "source": "synthetic", "sample": 0, "length": 512,
-                        "depth": 0.5, "policy": name, "budget": budget, "metric": "contains"}  # fmt: skip
-            result = {
-                "score": score,
-                "kv_mb": 10 * budget,
-                "tokens_per_second": 20 - 5 * budget,
-                "output": "",
-            }
-            where = {"versions": {"d2o_core": "1"}, "machine": {"gpu": None, "node": "n"}}
-            record = {"format": cells.FORMAT, "key": f"{task}{budget}", "settings": settings, "config": name}
-            out.append(record | {"result": result} | where)
-    return out
 
 
 def test_board_averages_the_task_means_and_keeps_cost_beside_the_score():

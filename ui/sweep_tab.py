@@ -250,8 +250,8 @@ def build(engine: Engine, prompt, chosen, model, advanced=(), extras=()) -> None
         "used here)."
     )
     with gr.Row():
-        budgets = gr.CheckboxGroup(BUDGETS, value=[10, 20, 40], label="Budgets (%)")
-        max_new = gr.Slider(4, 128, 32, step=1, label="Max new tokens")
+        budgets = gr.CheckboxGroup(BUDGETS, value=[10, 20, 40], label="Budgets (%)", elem_id="sweep-budgets")
+        max_new = gr.Slider(4, 128, 32, step=1, label="Max new tokens", elem_id="sweep-max-new")
         go = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
     sweep_status = gr.Markdown(first["sweep_status"], elem_id="sweep-status")
     with gr.Row():
@@ -293,13 +293,16 @@ def build(engine: Engine, prompt, chosen, model, advanced=(), extras=()) -> None
             file_count="multiple", file_types=[".json", ".jsonl"], label="Cell records", elem_id="board-files"
         )
         folder = gr.Textbox(
-            label="…or a results folder on this machine", placeholder="runs/", visible=folders_allowed()
+            label="…or a results folder on this machine",
+            placeholder="runs/",
+            visible=folders_allowed(),
+            elem_id="board-folder",
         )
     show = gr.Button("Open results", elem_id="board-open")
-    board_status = gr.Markdown()
-    overview = gr.Plot(label="Averaged over tasks")
+    board_status = gr.Markdown(elem_id="board-status")
+    overview = gr.Plot(label="Averaged over tasks", elem_id="board-overview")
     caption("overview")
-    tasks = gr.Plot(label="Per task")
+    tasks = gr.Plot(label="Per task", elem_id="board-tasks")
     caption("per_task")
     board_table = gr.Dataframe(
         pd.DataFrame(columns=list(BOARD_HEADERS)),

@@ -227,15 +227,25 @@ def build(engine: Engine, model: gr.components.Component) -> None:
             lines = gr.Plot(first["tp_lines"], label="Tokens/s against batch size", elem_id="tp-lines")
             caption("tokens_vs_batch")
     explanation = gr.Markdown(first["tp_explain"], elem_id="tp-explain")
-    table = gr.Dataframe(first["tp_table"], label="Every measured point", interactive=False)
+    table = gr.Dataframe(
+        first["tp_table"], label="Every measured point", interactive=False, elem_id="tp-table"
+    )
     with gr.Accordion("Run live on this page's model (about a minute on a CPU)", open=False):
         with gr.Row():
-            prompt_tokens = gr.Slider(256, 2048, 1024, step=64, label="Prompt tokens per row")
-            new_tokens = gr.Slider(4, 64, 16, step=1, label="New tokens per row")
-            budget = gr.Slider(5, 50, 20, step=1, label="KV budget (% of the prompt kept per layer)")
+            prompt_tokens = gr.Slider(
+                256, 2048, 1024, step=64, label="Prompt tokens per row", elem_id="tp-prompt"
+            )
+            new_tokens = gr.Slider(4, 64, 16, step=1, label="New tokens per row", elem_id="tp-new")
+            budget = gr.Slider(
+                5, 50, 20, step=1, label="KV budget (% of the prompt kept per layer)", elem_id="tp-budget"
+            )
         with gr.Row():
-            chosen = gr.CheckboxGroup(LIVE_POLICIES, value=["full", "h2o", "d2o"], label="Policies")
-            batches = gr.CheckboxGroup([1, 2, 4, 8], value=[1, 2, 4], label="Batch sizes for the curve")
+            chosen = gr.CheckboxGroup(
+                LIVE_POLICIES, value=["full", "h2o", "d2o"], label="Policies", elem_id="tp-policies"
+            )
+            batches = gr.CheckboxGroup(
+                [1, 2, 4, 8], value=[1, 2, 4], label="Batch sizes for the curve", elem_id="tp-batches"
+            )
         with gr.Row():
             go = gr.Button("Run live", variant="primary", elem_id="tp-run")
             stop = gr.Button("Stop", variant="stop", elem_id="tp-stop")
