@@ -130,6 +130,9 @@ def drawn(ids: list[str]) -> str:
 
 
 ALL_FIGURES = drawn(FIGURE_IDS)
+FIGURE_TEXTS = (
+    f"() => Object.fromEntries({FIGURE_IDS}.map(id => [id, document.querySelector('#' + id)?.textContent]))"
+)
 BOARD_FIGURES = drawn(["board-overview", "board-tasks"])
 # In the page, from the start of navigation: the first animation frame after the budget heatmap's own
 # SVG exists (a bare "#budget-fig svg" also matches the empty plot's placeholder icon). Read in the
@@ -307,8 +310,15 @@ def test_browser_stored_view_open_run_live_run_download_reopen_and_stop(server, 
         page.fill("#question textarea", "What is the first item?")
         page.fill("#max-new input[type=number]", "2")
         page.keyboard.press("Enter")
+        before = page.evaluate(FIGURE_TEXTS)
         page.click("#run")
         status_has(page, "Done: ", 60_000)
+        # Every figure is redrawn for this run (its columns, question and settings), none left stale.
+        page.wait_for_function(
+            f"b => Object.entries(({FIGURE_TEXTS})()).every(([k, v]) => v && v !== b[k])",
+            arg=before,
+            timeout=30_000,
+        )
         assert "kept whole" in page.inner_text("#status")  # the question was read after the compression
         titles = [page.inner_text(f"#title-{i}") for i in range(6)]
         assert "H2O · compress_every=4 · 20 %" in titles[2], titles
